@@ -1,0 +1,24 @@
+//! # avp-data
+//!
+//! An image-folder pipeline with torchvision's semantics, for Burn:
+//! [`ImageFolder`] (torchvision's `ImageFolder`, checked once at open),
+//! decoding by content to RGB8 as PIL's `convert('RGB')` does, the lesson's
+//! transforms ([`Resize`], [`RandomAffine`], [`RandomHorizontalFlip`],
+//! [`Normalize`]) with randomness drawn from `(seed, epoch, index)`, and
+//! Burn's `Dataset` / `Batcher` implementations.
+#![warn(missing_docs)]
+
+pub mod dataset;
+pub mod decode;
+mod error;
+pub mod folder;
+pub mod transform;
+
+pub use dataset::{ImageBatch, ImageBatcher, ImageDataset, ImageItem};
+pub use decode::{decode_rgb8, decode_rgb8_bytes};
+pub use error::DataError;
+pub use folder::{IMG_EXTENSIONS, ImageFolder, OpenOptions, Sample, Skipped, Split};
+pub use transform::{
+    AffineParams, Channels, Normalize, Pipeline, RandomAffine, RandomHorizontalFlip, Resize, Rng,
+    affine, inverse_affine_matrix,
+};

@@ -1,0 +1,413 @@
+//! torchvision's transforms on RGB8 images, each a small type:
+//! [`Resize`] (PIL bilinear with antialias), [`RandomAffine`] (the same
+//! parameter distribution and inverse-matrix math as torchvision, PIL's
+//! nearest sampling), [`RandomHorizontalFlip`], and [`Normalize`] (which
+//! also does `ToTensor`: CHW, scaled, per-channel mean and std, in the
+//! channel order the network reads).
+//!
+//! Randomness comes from a [`Rng`] seeded by `(seed, epoch, index)`, so an
+//! image gets the same augmentation whatever the number of loader workers.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+/// SplitMix64, seeded from `(seed, epoch, index)`: small, fast, and the
+/// same on every platform and in every version of this crate.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for one image in one epoch.
+    pub fn for_item(seed: u64, epoch: u64, index: u64) -> Self {
+        let mut r = Rng(seed ^ 0x5851_f42d_4c95_7f2d);
+        let a = r.next_u64() ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut r = Rng(a);
+        let b = r.next_u64() ^ index.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        Rng(b)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[lo, hi)`.
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+}
+
+/// `Resize((height, width))` as torchvision does it on PIL images: PIL's
+/// bilinear filter with its support widened when shrinking (antialias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    /// Output height.
+    pub height: u32,
+    /// Output width.
+    pub width: u32,
+}
+
+impl Resize {
+    /// Resizes to `height x width`.
+    pub fn new(height: u32, width: u32) -> Self {
+        Self { height, width }
+    }
+
+    /// Applies the resize (a copy when the size already matches).
+    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+        if img.dimensions() == (self.width, self.height) {
+            return img.clone();
+        }
+        let (w, h) = img.dimensions();
+        let mut dst = Image::new(self.width, self.height, PixelType::U8x3);
+        let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        // Both buffers are sized here and U8x3 has no alignment requirement:
+        // neither the view nor the resizer can fail on them.
+        if let Ok(src) = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3) {
+            let _ = Resizer::new().resize(&src, &mut dst, &opts);
+        }
+        RgbImage::from_raw(self.width, self.height, dst.into_vec())
+            .unwrap_or_else(|| RgbImage::new(self.width, self.height))
+    }
+}
+
+/// Parameters of one affine draw.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AffineParams {
+    /// Rotation, degrees.
+    pub angle: f64,
+    /// Translation, pixels.
+    pub translate: (f64, f64),
+    /// Scale factor.
+    pub scale: f64,
+    /// Shear (x, y), degrees.
+    pub shear: (f64, f64),
+}
+
+/// `RandomAffine(degrees, shear=(-s, s), scale=(lo, hi))` with
+/// torchvision's parameter distribution: angle uniform in `±degrees`,
+/// no translation, scale uniform in `[lo, hi]`, shear-x uniform in `±s`,
+/// shear-y 0; nearest sampling, fill 0, about the image centre.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RandomAffine {
+    /// Maximum rotation (degrees); the lesson uses 0.
+    pub degrees: f64,
+    /// Maximum x-shear (degrees); the lesson uses 10.
+    pub shear: f64,
+    /// Scale range; the lesson uses (0.8, 1.2).
+    pub scale: (f64, f64),
+}
+
+impl RandomAffine {
+    /// The lesson's `RandomAffine(0, shear=10, scale=(0.8, 1.2))`.
+    pub fn lesson() -> Self {
+        Self {
+            degrees: 0.0,
+            shear: 10.0,
+            scale: (0.8, 1.2),
+        }
+    }
+
+    /// Draws parameters in torchvision's order (angle, scale, shear).
+    pub fn sample(&self, rng: &mut Rng) -> AffineParams {
+        let angle = if self.degrees == 0.0 {
+            0.0
+        } else {
+            rng.uniform(-self.degrees, self.degrees)
+        };
+        let scale = rng.uniform(self.scale.0, self.scale.1);
+        let shear_x = if self.shear == 0.0 {
+            0.0
+        } else {
+            rng.uniform(-self.shear, self.shear)
+        };
+        AffineParams {
+            angle,
+            translate: (0.0, 0.0),
+            scale,
+            shear: (shear_x, 0.0),
+        }
+    }
+}
+
+/// torchvision's inverse affine matrix (output pixel → input pixel) about
+/// `center`: `C · RSS⁻¹ · C⁻¹ · T⁻¹`, with RSS the rotation-scale-shear.
+pub fn inverse_affine_matrix(center: (f64, f64), p: &AffineParams) -> [f64; 6] {
+    let rot = p.angle.to_radians();
+    let sx = p.shear.0.to_radians();
+    let sy = p.shear.1.to_radians();
+    let (cx, cy) = center;
+    let (tx, ty) = p.translate;
+    let a = (rot - sy).cos() / sy.cos();
+    let b = -(rot - sy).cos() * sx.tan() / sy.cos() - rot.sin();
+    let c = (rot - sy).sin() / sy.cos();
+    let d = -(rot - sy).sin() * sx.tan() / sy.cos() + rot.cos();
+    let mut m = [d, -b, 0.0, -c, a, 0.0].map(|v| v / p.scale);
+    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty);
+    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty);
+    m[2] += cx;
+    m[5] += cy;
+    m
+}
+
+/// Applies an affine transform as PIL's `Image.transform(AFFINE, NEAREST)`
+/// does: each output pixel centre is mapped through the inverse matrix and
+/// the input pixel under it is copied; outside the input, `fill`.
+pub fn affine(img: &RgbImage, p: &AffineParams, fill: [u8; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let m = inverse_affine_matrix((w as f64 * 0.5, h as f64 * 0.5), p);
+    let mut out = RgbImage::from_pixel(w, h, image::Rgb(fill));
+    let src = img.as_raw();
+    let dst: &mut [u8] = &mut out;
+    // PIL walks rows incrementally from the first pixel centre.
+    let mut xo = m[2] + m[0] * 0.5 + m[1] * 0.5;
+    let mut yo = m[5] + m[3] * 0.5 + m[4] * 0.5;
+    for y in 0..h as usize {
+        let (mut xx, mut yy) = (xo, yo);
+        for x in 0..w as usize {
+            // PIL's COORD: negative → -1, else truncation.
+            if xx >= 0.0 && yy >= 0.0 {
+                let (xi, yi) = (xx as usize, yy as usize);
+                if xi < w as usize && yi < h as usize {
+                    let s = (yi * w as usize + xi) * 3;
+                    let d = (y * w as usize + x) * 3;
+                    dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
+                }
+            }
+            xx += m[0];
+            yy += m[3];
+        }
+        xo += m[1];
+        yo += m[4];
+    }
+    out
+}
+
+/// `RandomHorizontalFlip(p)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RandomHorizontalFlip {
+    /// Probability of flipping.
+    pub p: f64,
+}
+
+impl RandomHorizontalFlip {
+    /// Decides whether to flip.
+    pub fn sample(&self, rng: &mut Rng) -> bool {
+        rng.unit() < self.p
+    }
+}
+
+/// Channel order the network reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channels {
+    /// Red, green, blue.
+    Rgb,
+    /// Blue, green, red.
+    Bgr,
+}
+
+/// `ToTensor` + `Normalize`, generalised to the network's input
+/// convention: `out[c] = (pixel[order[c]] * scale - mean[c]) / std[c]`,
+/// laid out CHW.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Normalize {
+    /// Channel order of the output.
+    pub channels: Channels,
+    /// `1/255` (torchvision's `ToTensor`) or `1` (raw 0..255).
+    pub scale: f32,
+    /// Mean per output channel.
+    pub mean: [f32; 3],
+    /// Std per output channel.
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// torchvision's ImageNet normalization.
+    pub fn imagenet() -> Self {
+        Self {
+            channels: Channels::Rgb,
+            scale: 1.0 / 255.0,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// Writes the CHW tensor of `img` into `out` (length `3 * w * h`).
+    pub fn apply_into(&self, img: &RgbImage, out: &mut [f32]) {
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let order = match self.channels {
+            Channels::Rgb => [0, 1, 2],
+            Channels::Bgr => [2, 1, 0],
+        };
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..3)
+            .map(|c| (self.scale / self.std[c], -self.mean[c] / self.std[c]))
+            .unzip();
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = px[order[c]] as f32 * a[c] + b[c];
+            }
+        }
+    }
+
+    /// The CHW tensor of `img` as a vector.
+    pub fn apply(&self, img: &RgbImage) -> Vec<f32> {
+        let mut out = vec![0.0; 3 * img.as_raw().len() / 3];
+        self.apply_into(img, &mut out);
+        out
+    }
+}
+
+/// The whole pipeline: resize, then (when augmenting) random affine and
+/// horizontal flip, then normalize. `Pipeline::lesson` is the lesson's
+/// training transform; `Pipeline::eval` its validation transform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// Resize applied first.
+    pub resize: Resize,
+    /// Random affine, when augmenting.
+    pub affine: Option<RandomAffine>,
+    /// Random flip, when augmenting.
+    pub flip: Option<RandomHorizontalFlip>,
+    /// Final normalization.
+    pub normalize: Normalize,
+}
+
+impl Pipeline {
+    /// Resize to 224x224 and normalize.
+    pub fn eval(normalize: Normalize) -> Self {
+        Self {
+            resize: Resize::new(224, 224),
+            affine: None,
+            flip: None,
+            normalize,
+        }
+    }
+
+    /// The lesson's training transform: `Resize((224,224))`,
+    /// `RandomAffine(0, shear=10, scale=(0.8,1.2))`, `RandomHorizontalFlip()`.
+    pub fn lesson(normalize: Normalize) -> Self {
+        Self {
+            resize: Resize::new(224, 224),
+            affine: Some(RandomAffine::lesson()),
+            flip: Some(RandomHorizontalFlip { p: 0.5 }),
+            normalize,
+        }
+    }
+
+    /// Whether the pipeline draws random numbers.
+    pub fn is_random(&self) -> bool {
+        self.affine.is_some() || self.flip.is_some()
+    }
+
+    /// The augmented RGB image (before normalization).
+    pub fn augment(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
+        let mut img = self.resize.apply(img);
+        if let Some(a) = &self.affine {
+            let p = a.sample(rng);
+            img = affine(&img, &p, [0, 0, 0]);
+        }
+        if let Some(f) = &self.flip
+            && f.sample(rng)
+        {
+            image::imageops::flip_horizontal_in_place(&mut img);
+        }
+        img
+    }
+
+    /// The network input (CHW f32) for one image.
+    pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> Vec<f32> {
+        self.normalize.apply(&self.augment(img, rng))
+    }
+
+    /// Output shape `[3, H, W]`.
+    pub fn output_shape(&self) -> [usize; 3] {
+        [3, self.resize.height as usize, self.resize.width as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_affine_is_identity() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let p = AffineParams {
+            angle: 0.0,
+            translate: (0.0, 0.0),
+            scale: 1.0,
+            shear: (0.0, 0.0),
+        };
+        assert_eq!(affine(&img, &p, [0; 3]), img);
+    }
+
+    #[test]
+    fn zoom_out_fills_with_zero() {
+        let img = RgbImage::from_pixel(20, 20, image::Rgb([200, 200, 200]));
+        let p = AffineParams {
+            angle: 0.0,
+            translate: (0.0, 0.0),
+            scale: 0.5,
+            shear: (0.0, 0.0),
+        };
+        let out = affine(&img, &p, [0; 3]);
+        assert_eq!(out.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(out.get_pixel(10, 10).0, [200, 200, 200]);
+    }
+
+    #[test]
+    fn parameter_distribution_matches_the_lesson() {
+        let a = RandomAffine::lesson();
+        let mut rng = Rng::for_item(0, 0, 0);
+        let draws: Vec<AffineParams> = (0..2000).map(|_| a.sample(&mut rng)).collect();
+        assert!(
+            draws
+                .iter()
+                .all(|p| p.angle == 0.0 && p.shear.1 == 0.0 && p.translate == (0.0, 0.0))
+        );
+        assert!(draws.iter().all(|p| (0.8..1.2).contains(&p.scale)));
+        assert!(draws.iter().all(|p| (-10.0..10.0).contains(&p.shear.0)));
+        let mean_scale: f64 = draws.iter().map(|p| p.scale).sum::<f64>() / 2000.0;
+        assert!((mean_scale - 1.0).abs() < 0.01, "{mean_scale}");
+        let flips = (0..2000)
+            .filter(|_| RandomHorizontalFlip { p: 0.5 }.sample(&mut rng))
+            .count();
+        assert!((900..1100).contains(&flips), "{flips}");
+    }
+
+    #[test]
+    fn rng_streams_differ_by_epoch_and_index() {
+        let a = Rng::for_item(1, 0, 0).next_u64();
+        assert_eq!(a, Rng::for_item(1, 0, 0).next_u64());
+        assert_ne!(a, Rng::for_item(1, 1, 0).next_u64());
+        assert_ne!(a, Rng::for_item(1, 0, 1).next_u64());
+        assert_ne!(a, Rng::for_item(2, 0, 0).next_u64());
+    }
+
+    #[test]
+    fn normalize_orders_channels() {
+        let img = RgbImage::from_pixel(1, 1, image::Rgb([10, 20, 30]));
+        let bgr = Normalize {
+            channels: Channels::Bgr,
+            scale: 1.0,
+            mean: [1.0, 2.0, 3.0],
+            std: [1.0; 3],
+        };
+        assert_eq!(bgr.apply(&img), vec![29.0, 18.0, 7.0]);
+        let v = Normalize::imagenet().apply(&img);
+        assert!((v[0] - (10.0 / 255.0 - 0.485) / 0.229).abs() < 1e-6);
+    }
+}

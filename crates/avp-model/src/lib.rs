@@ -1,0 +1,44 @@
+//! # avp-model
+//!
+//! ResNet 18…152 (and any other four-stage block count) built from Burn
+//! modules with torchvision's field names, and the importers that fill them:
+//! ONNX files read at run time and recognised by graph structure, PyTorch
+//! and safetensors state dicts through `burn-store`, and Burn's native
+//! burnpack format for fast reloads. Every loaded model carries its
+//! [`Provenance`] and the input [`Normalization`] it expects.
+//!
+//! ```no_run
+//! use avp_model::{load_weights, parse_device, LoadOptions};
+//! # fn main() -> Result<(), avp_model::ModelError> {
+//! let device = parse_device("flex")?;
+//! let loaded = load_weights(
+//!     "weights/mlnet-resnet18/ResNet18.onnx".as_ref(),
+//!     &device,
+//!     &LoadOptions { prep: Some("weights/mlnet-resnet18/ResNetPreprocess.onnx".into()), ..Default::default() },
+//! )?;
+//! println!("{}", loaded.config.describe());
+//! println!("{}", loaded.normalization.describe());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod device;
+mod error;
+mod fill;
+pub mod normalization;
+pub mod npy;
+pub mod onnx;
+pub mod resnet;
+pub mod weights;
+
+pub use device::{DEVICE_NAMES, compiled_backends, parse_device};
+pub use error::ModelError;
+pub use fill::fill;
+pub use normalization::{ChannelOrder, Normalization, NormalizationSource, ValueRange};
+pub use resnet::{
+    Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
+};
+pub use weights::{
+    KnownWeights, LoadOptions, LoadedModel, Provenance, WeightFormat, load_weights, manifest,
+    save_native, sha256_hex,
+};

@@ -1,0 +1,278 @@
+//! The input normalization a network was trained with, as part of its
+//! weights: channel order, value range, per-channel mean and std.
+//!
+//! Sources, in order of precedence: given explicitly; a companion
+//! preprocessing ONNX file (channel reorder + mean subtraction, such as
+//! ML.NET's `ResNetPreprocess.onnx`); the `weights/` manifest by SHA-256;
+//! torchvision's ImageNet mean/std for PyTorch files and exports.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::onnx::{self, Graph};
+
+/// Order of the colour channels the network reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    /// Red, green, blue (torchvision).
+    Rgb,
+    /// Blue, green, red (Caffe, CNTK).
+    Bgr,
+}
+
+/// Scale of the pixel values before mean and std are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueRange {
+    /// Pixels divided by 255 (`ToTensor`).
+    Unit,
+    /// Raw 0..255 pixel values.
+    Byte,
+}
+
+/// Where a normalization came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum NormalizationSource {
+    /// Given by the caller.
+    #[default]
+    Explicit,
+    /// Read from a preprocessing ONNX file.
+    PrepFile(PathBuf),
+    /// Found in the weights manifest under this name.
+    Manifest(String),
+    /// torchvision's ImageNet statistics, for PyTorch files and exports.
+    Torchvision,
+    /// Nothing said otherwise; torchvision's statistics were assumed.
+    Assumed,
+}
+
+/// `x[c] = (pixel[order[c]] * scale - mean[c]) / std[c]`, with `mean` and
+/// `std` in the network's own channel order and value range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    /// Channel order the network reads.
+    pub channel_order: ChannelOrder,
+    /// Value range before mean/std.
+    pub range: ValueRange,
+    /// Per-channel mean, in `channel_order`.
+    pub mean: [f32; 3],
+    /// Per-channel std, in `channel_order` (1 for "no std").
+    pub std: [f32; 3],
+    /// Where this came from.
+    #[serde(default)]
+    pub source: NormalizationSource,
+}
+
+impl Normalization {
+    /// torchvision's ImageNet normalization: RGB, 0..1,
+    /// mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+    pub fn imagenet() -> Self {
+        Self {
+            channel_order: ChannelOrder::Rgb,
+            range: ValueRange::Unit,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            source: NormalizationSource::Torchvision,
+        }
+    }
+
+    /// The per-channel average of the Caffe/CNTK ImageNet mean image in BGR,
+    /// 0..255, no std: what ML.NET's ResNet featurizers expect.
+    pub fn caffe_bgr() -> Self {
+        Self {
+            channel_order: ChannelOrder::Bgr,
+            range: ValueRange::Byte,
+            mean: [103.06, 115.90, 123.15],
+            std: [1.0; 3],
+            source: NormalizationSource::Explicit,
+        }
+    }
+
+    /// Same normalization with another source tag.
+    pub fn with_source(mut self, source: NormalizationSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// One-line description, e.g. `BGR 0..255, mean [103.06, 115.90,
+    /// 123.15], no std (from ResNetPreprocess.onnx)`.
+    pub fn describe(&self) -> String {
+        let order = match self.channel_order {
+            ChannelOrder::Rgb => "RGB",
+            ChannelOrder::Bgr => "BGR",
+        };
+        let range = match self.range {
+            ValueRange::Unit => "0..1",
+            ValueRange::Byte => "0..255",
+        };
+        let f = |v: &[f32; 3]| format!("[{:.4}, {:.4}, {:.4}]", v[0], v[1], v[2]);
+        let std = if self.std == [1.0; 3] {
+            "no std".to_string()
+        } else {
+            format!("std {}", f(&self.std))
+        };
+        let source = match &self.source {
+            NormalizationSource::Explicit => "given".to_string(),
+            NormalizationSource::PrepFile(p) => format!("from {}", p.display()),
+            NormalizationSource::Manifest(n) => format!("from the weights manifest entry `{n}`"),
+            NormalizationSource::Torchvision => "torchvision's ImageNet statistics".to_string(),
+            NormalizationSource::Assumed => {
+                "assumed: torchvision's ImageNet statistics; pass a preprocessing file if the network expects otherwise".to_string()
+            }
+        };
+        format!("{order} {range}, mean {}, {std} ({source})", f(&self.mean))
+    }
+
+    /// Reads a preprocessing ONNX graph made of a channel split and
+    /// reordering concat, a mean subtraction, and optionally a division by
+    /// a std and a scaling by 1/255. A per-pixel mean image is reduced to
+    /// its per-channel averages.
+    pub fn from_prep_onnx(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let model = onnx::decode(path, &bytes)?;
+        let prep_err = |why: String| ModelError::Preprocess {
+            path: path.to_path_buf(),
+            why,
+        };
+        let Some(graph) = model.graph.as_ref() else {
+            return Err(prep_err("no graph".into()));
+        };
+        let g = Graph::new(path, graph);
+        let mut order = [0usize, 1, 2];
+        let mut mean = [0f32; 3];
+        let mut std = [1f32; 3];
+        let mut scale = 1f32;
+        for (i, n) in g.nodes.iter().enumerate() {
+            match n.op_type.as_str() {
+                "Split" => {
+                    // Outputs are the input channels 0, 1, 2 in order.
+                    if n.output.len() != 3 {
+                        return Err(prep_err(format!(
+                            "{} does not split into 3 channels",
+                            g.describe(i)
+                        )));
+                    }
+                    let concat = g.nodes.iter().find(|c| c.op_type == "Concat");
+                    if let Some(c) = concat {
+                        for (dst, name) in c.input.iter().enumerate().take(3) {
+                            let src = n.output.iter().position(|o| o == name).ok_or_else(|| {
+                                prep_err(format!("Concat input `{name}` is not a Split output"))
+                            })?;
+                            order[dst] = src;
+                        }
+                    }
+                }
+                "Concat" | "Identity" => {}
+                "Sub" | "Div" | "Mul" => {
+                    let c = n.input.get(1).filter(|c| g.is_const(c)).ok_or_else(|| {
+                        prep_err(format!("{} has no constant operand", g.describe(i)))
+                    })?;
+                    let (dims, v) = g.tensor_f32(c)?;
+                    let per_channel = channel_means(&dims, &v).ok_or_else(|| {
+                        prep_err(format!(
+                            "constant `{c}` with shape {dims:?} is not per-channel"
+                        ))
+                    })?;
+                    match n.op_type.as_str() {
+                        "Sub" => {
+                            for (m, p) in mean.iter_mut().zip(per_channel) {
+                                *m += p * scale;
+                            }
+                        }
+                        "Div" if dims.iter().product::<usize>() == 1 => scale /= per_channel[0],
+                        "Div" => std = per_channel,
+                        _ if dims.iter().product::<usize>() == 1 => scale *= per_channel[0],
+                        _ => {
+                            return Err(prep_err(format!(
+                                "{} scales channels unevenly",
+                                g.describe(i)
+                            )));
+                        }
+                    }
+                }
+                other => {
+                    return Err(prep_err(format!(
+                        "unexpected operator {other} at {}",
+                        g.describe(i)
+                    )));
+                }
+            }
+        }
+        let channel_order = match order {
+            [0, 1, 2] => ChannelOrder::Rgb,
+            [2, 1, 0] => ChannelOrder::Bgr,
+            o => {
+                return Err(prep_err(format!(
+                    "channel permutation {o:?} is neither RGB nor BGR"
+                )));
+            }
+        };
+        let range = if (scale - 1.0 / 255.0).abs() < 1e-6 {
+            ValueRange::Unit
+        } else if (scale - 1.0).abs() < 1e-6 {
+            ValueRange::Byte
+        } else {
+            return Err(prep_err(format!(
+                "input scale {scale} is neither 1 nor 1/255"
+            )));
+        };
+        Ok(Self {
+            channel_order,
+            range,
+            mean,
+            std,
+            source: NormalizationSource::PrepFile(path.to_path_buf()),
+        })
+    }
+}
+
+/// Per-channel means of a constant shaped `[1,3,H,W]`, `[3,H,W]`,
+/// `[3,1,1]`, `[3]` or a scalar.
+fn channel_means(dims: &[usize], v: &[f32]) -> Option<[f32; 3]> {
+    if v.len() == 1 {
+        return Some([v[0]; 3]);
+    }
+    let lead: Vec<usize> = dims.iter().copied().skip_while(|&d| d == 1).collect();
+    if lead.first() != Some(&3) || v.len() % 3 != 0 {
+        return None;
+    }
+    let per = v.len() / 3;
+    let mut out = [0f32; 3];
+    for (c, o) in out.iter_mut().enumerate() {
+        let sum: f64 = v[c * per..(c + 1) * per].iter().map(|&x| x as f64).sum();
+        *o = (sum / per as f64) as f32;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_means_of_images_and_vectors() {
+        let img: Vec<f32> = [1.0f32; 4]
+            .iter()
+            .chain(&[2.0; 4])
+            .chain(&[3.0; 4])
+            .copied()
+            .collect();
+        assert_eq!(channel_means(&[1, 3, 2, 2], &img), Some([1.0, 2.0, 3.0]));
+        assert_eq!(channel_means(&[3], &[4.0, 5.0, 6.0]), Some([4.0, 5.0, 6.0]));
+        assert_eq!(channel_means(&[4], &[1.0; 4]), None);
+    }
+
+    #[test]
+    fn describe_names_order_range_and_source() {
+        let d = Normalization::caffe_bgr().describe();
+        assert!(d.starts_with("BGR 0..255, mean [103.0600"), "{d}");
+        assert!(d.contains("no std"), "{d}");
+        assert!(Normalization::imagenet().describe().contains("RGB 0..1"));
+    }
+}

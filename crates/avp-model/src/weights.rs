@@ -1,0 +1,485 @@
+//! Loading a ResNet from any weights file we know (ONNX, PyTorch state
+//! dict, safetensors, Burn's native burnpack), with typed provenance: where
+//! the weights came from, in which format, their SHA-256, the architecture
+//! they fill, and the input normalization they expect.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::store::{BurnpackStore, ModuleSnapshot, PytorchStore, SafetensorsStore};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ModelError;
+use crate::fill::fill;
+use crate::normalization::{Normalization, NormalizationSource};
+use crate::onnx;
+use crate::resnet::{BlockKind, ResNet, ResNetConfig};
+
+/// The file formats [`load_weights`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// ONNX (`.onnx`), imported by graph structure.
+    Onnx,
+    /// A PyTorch state dict (`.pth`, `.pt`) with torchvision's key names.
+    Pytorch,
+    /// safetensors with torchvision's key names.
+    Safetensors,
+    /// Burn's native burnpack (`.bpk`), as written by [`save_native`].
+    Burnpack,
+}
+
+impl WeightFormat {
+    /// The format a file name's extension stands for.
+    pub fn from_path(path: &Path) -> Result<Self, ModelError> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        match ext.as_str() {
+            "onnx" => Ok(Self::Onnx),
+            "pth" | "pt" | "bin" | "ckpt" => Ok(Self::Pytorch),
+            "safetensors" => Ok(Self::Safetensors),
+            "bpk" => Ok(Self::Burnpack),
+            _ => Err(ModelError::UnknownFormat {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+}
+
+/// A known weights file, from `weights/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KnownWeights {
+    /// Short name (`mlnet-resnet18`, `torchvision-resnet50`).
+    pub name: String,
+    /// What the file is and who made it.
+    pub source: String,
+    /// Licence.
+    pub licence: String,
+    /// Where to get it (a path in this repository or a URL).
+    pub location: String,
+    /// Full SHA-256, when known.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The leading hex digits of the SHA-256 that torchvision puts in its
+    /// file names, when the full hash is not recorded.
+    #[serde(default)]
+    pub sha256_prefix: Option<String>,
+    /// Architecture in words.
+    pub architecture: String,
+    /// ImageNet top-1 accuracy (%) as published by the source, if any.
+    #[serde(default)]
+    pub imagenet_top1: Option<f32>,
+    /// Input normalization.
+    pub normalization: Normalization,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    weights: Vec<KnownWeights>,
+}
+
+/// The weights manifest shipped with the crate (`weights/manifest.json`).
+pub fn manifest() -> Vec<KnownWeights> {
+    // The manifest is ours and checked by a test: parsing cannot fail at run
+    // time unless the crate itself was built from a broken tree.
+    serde_json::from_str::<Manifest>(include_str!("../../../weights/manifest.json"))
+        .map(|m| m.weights)
+        .unwrap_or_default()
+}
+
+/// The manifest entry whose hash matches `sha256` (full or prefix).
+pub fn lookup_manifest(sha256: &str) -> Option<KnownWeights> {
+    manifest().into_iter().find(|k| {
+        k.sha256.as_deref() == Some(sha256)
+            || k.sha256_prefix
+                .as_deref()
+                .is_some_and(|p| !p.is_empty() && sha256.starts_with(p))
+    })
+}
+
+/// Where a loaded model came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The file that was read.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: WeightFormat,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// The architecture, in words.
+    pub architecture: String,
+    /// Producer (ONNX `producer_name producer_version`), when the file says.
+    pub producer: Option<String>,
+    /// ONNX opset, when relevant.
+    pub opset: Option<i64>,
+    /// Whether BatchNorm had been folded into the convolutions in the file.
+    pub folded_batchnorm: bool,
+    /// Number of values stored in the file's weight tensors.
+    pub stored_values: usize,
+    /// The manifest entry the hash matched, if any.
+    pub known: Option<KnownWeights>,
+    /// For a file converted by [`save_native`]: the provenance of the
+    /// original.
+    pub converted_from: Option<Box<Provenance>>,
+}
+
+/// A loaded network with everything needed to feed it correctly.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The network.
+    pub model: ResNet,
+    /// Its architecture.
+    pub config: ResNetConfig,
+    /// Where it came from.
+    pub provenance: Provenance,
+    /// The input normalization it expects.
+    pub normalization: Normalization,
+}
+
+/// Options for [`load_weights`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A companion preprocessing ONNX file that defines the normalization.
+    pub prep: Option<PathBuf>,
+    /// An explicit normalization (wins over everything else).
+    pub normalization: Option<Normalization>,
+    /// For state dicts, which do not record strides or padding: the
+    /// architecture to fill (inferred from the keys with torchvision's
+    /// conventions otherwise).
+    pub config: Option<ResNetConfig>,
+}
+
+/// Hex SHA-256 of a byte slice.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn store_err(path: &Path, why: impl std::fmt::Display) -> ModelError {
+    ModelError::Store {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+/// Loads any supported weights file onto `device`.
+pub fn load_weights(
+    path: &Path,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel, ModelError> {
+    if !path.exists() {
+        return Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let format = WeightFormat::from_path(path)?;
+    let (model, config, mut provenance, file_norm) = match format {
+        WeightFormat::Onnx => load_onnx(path, device)?,
+        WeightFormat::Pytorch | WeightFormat::Safetensors => {
+            load_state_dict(path, format, device, options.config.clone())?
+        }
+        WeightFormat::Burnpack => load_native(path, device)?,
+    };
+    provenance.known = lookup_manifest(&provenance.sha256);
+    let normalization = match (&options.normalization, &options.prep) {
+        (Some(n), _) => n.clone().with_source(NormalizationSource::Explicit),
+        (None, Some(prep)) => Normalization::from_prep_onnx(prep)?,
+        (None, None) => match (&provenance.known, file_norm) {
+            (Some(k), _) => k
+                .normalization
+                .clone()
+                .with_source(NormalizationSource::Manifest(k.name.clone())),
+            (None, Some(n)) => n,
+            (None, None) => Normalization::imagenet().with_source(NormalizationSource::Assumed),
+        },
+    };
+    Ok(LoadedModel {
+        model,
+        config,
+        provenance,
+        normalization,
+    })
+}
+
+type Loaded = (ResNet, ResNetConfig, Provenance, Option<Normalization>);
+
+fn load_onnx(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
+    let bytes = read(path)?;
+    let sha256 = sha256_hex(&bytes);
+    let imported = onnx::import_resnet_bytes(path, &bytes)?;
+    drop(bytes);
+    let config = imported.config.clone();
+    let model = fill(config.init(device), imported.weights, path)?;
+    let from_pytorch = imported.info.producer.starts_with("pytorch");
+    let provenance = Provenance {
+        path: path.to_path_buf(),
+        format: WeightFormat::Onnx,
+        sha256,
+        architecture: config.describe(),
+        producer: Some(imported.info.producer.clone()).filter(|p| !p.is_empty()),
+        opset: Some(imported.info.opset),
+        folded_batchnorm: imported.folded_batchnorm,
+        stored_values: imported.stored_values,
+        known: None,
+        converted_from: None,
+    };
+    let norm = from_pytorch.then(Normalization::imagenet);
+    Ok((model, config, provenance, norm))
+}
+
+/// Infers a torchvision ResNet configuration from state-dict keys and shapes.
+pub fn config_from_state_dict(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    path: &Path,
+) -> Result<ResNetConfig, ModelError> {
+    let shape = |k: &str| shapes.get(k).cloned();
+    let stem = shape("conv1.weight").ok_or_else(|| {
+        store_err(
+            path,
+            format!(
+                "no `conv1.weight`: not a torchvision ResNet state dict (keys start with {})",
+                shapes
+                    .keys()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    let [stem_width, 3, k, _] = stem[..] else {
+        return Err(store_err(
+            path,
+            format!("conv1.weight has shape {stem:?}, expected [C, 3, k, k]"),
+        ));
+    };
+    let bottleneck = shapes.keys().any(|k| k.ends_with(".conv3.weight"));
+    let mut layers = [0usize; 4];
+    let mut widths = [0usize; 4];
+    for s in 0..4 {
+        let prefix = format!("layer{}.", s + 1);
+        let max_block = shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max();
+        let Some(max_block) = max_block else {
+            return Err(store_err(path, format!("no blocks in layer{}", s + 1)));
+        };
+        layers[s] = max_block + 1;
+        let w = shape(&format!("layer{}.0.conv1.weight", s + 1))
+            .ok_or_else(|| store_err(path, format!("missing layer{}.0.conv1.weight", s + 1)))?;
+        widths[s] = w[0];
+    }
+    let num_classes = shape("fc.weight").map(|s| s[0]);
+    let block = if bottleneck {
+        BlockKind::Bottleneck
+    } else {
+        BlockKind::Basic
+    };
+    let config = ResNetConfig::new(block, layers)
+        .with_widths(widths)
+        .with_stem_width(stem_width)
+        .with_stem_kernel(k)
+        .with_num_classes(num_classes);
+    config.validate()?;
+    Ok(config)
+}
+
+fn load_state_dict(
+    path: &Path,
+    format: WeightFormat,
+    device: &Device,
+    config: Option<ResNetConfig>,
+) -> Result<Loaded, ModelError> {
+    let bytes = read(path)?;
+    let sha256 = sha256_hex(&bytes);
+    let shapes: BTreeMap<String, Vec<usize>> = match format {
+        WeightFormat::Pytorch => {
+            use burn::store::pytorch::PytorchReader;
+            let reader = PytorchReader::new(path)
+                .or_else(|_| PytorchReader::with_top_level_key(path, "state_dict"))
+                .map_err(|e| store_err(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+            reader
+                .tensors()
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+                .collect()
+        }
+        _ => {
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| store_err(path, format!("not a readable safetensors file: {e}")))?;
+            st.tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().to_vec()))
+                .collect()
+        }
+    };
+    drop(bytes);
+    let config = match config {
+        Some(c) => c,
+        None => config_from_state_dict(&shapes, path)?,
+    };
+    config.validate()?;
+    let mut model = config.init(device);
+    let stored_values = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    let remaps = [
+        (r"(.*)\.downsample\.0\.(.*)", "$1.downsample.conv.$2"),
+        (r"(.*)\.downsample\.1\.(.*)", "$1.downsample.bn.$2"),
+    ];
+    let result = match format {
+        WeightFormat::Pytorch => {
+            let mut store = PytorchStore::from_file(path).allow_partial(true);
+            for (from, to) in remaps {
+                store = store.with_key_remapping(from, to);
+            }
+            model
+                .load_from(&mut store)
+                .map_err(|e| store_err(path, e))?
+        }
+        _ => {
+            let mut store = SafetensorsStore::from_file(path)
+                .with_from_adapter(burn::store::PyTorchToBurnAdapter)
+                .allow_partial(true);
+            for (from, to) in remaps {
+                store = store.with_key_remapping(from, to);
+            }
+            model
+                .load_from(&mut store)
+                .map_err(|e| store_err(path, e))?
+        }
+    };
+    check_apply(path, &result)?;
+    let provenance = Provenance {
+        path: path.to_path_buf(),
+        format,
+        sha256,
+        architecture: config.describe(),
+        producer: None,
+        opset: None,
+        folded_batchnorm: false,
+        stored_values,
+        known: None,
+        converted_from: None,
+    };
+    Ok((model, config, provenance, Some(Normalization::imagenet())))
+}
+
+/// Turns burn-store's report into an error when anything did not fit.
+fn check_apply(path: &Path, r: &burn::store::ApplyResult) -> Result<(), ModelError> {
+    if let Some(e) = r.errors.first() {
+        return Err(store_err(path, format!("{e:?}")));
+    }
+    // `num_batches_tracked` is a PyTorch BatchNorm counter with no Burn
+    // counterpart.
+    let unused: Vec<&String> = r
+        .unused
+        .iter()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .collect();
+    if !r.missing.is_empty() || !unused.is_empty() {
+        let missing: Vec<&str> = r.missing.iter().map(|(p, _)| p.as_str()).collect();
+        return Err(store_err(
+            path,
+            format!("weights do not fit the architecture: missing {missing:?}, unused {unused:?}"),
+        ));
+    }
+    Ok(())
+}
+
+const META_CONFIG: &str = "avp.resnet_config";
+const META_NORMALIZATION: &str = "avp.normalization";
+const META_PROVENANCE: &str = "avp.provenance";
+
+/// Saves a model in Burn's native burnpack format, with its architecture,
+/// normalization and provenance as metadata, so that [`load_weights`]
+/// reloads it without the original file.
+pub fn save_native(
+    model: &ResNet,
+    config: &ResNetConfig,
+    normalization: &Normalization,
+    provenance: &Provenance,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let json = |v: &dyn erased::Json| v.to_json().map_err(|e| store_err(path, e));
+    let mut store = BurnpackStore::from_file(path)
+        .overwrite(true)
+        .auto_extension(false)
+        .metadata(META_CONFIG, json(config)?)
+        .metadata(META_NORMALIZATION, json(normalization)?)
+        .metadata(META_PROVENANCE, json(provenance)?);
+    model
+        .save_into(&mut store)
+        .map_err(|e| store_err(path, format!("cannot write: {e}")))
+}
+
+mod erased {
+    /// Object-safe JSON serialisation for the metadata helpers.
+    pub trait Json {
+        fn to_json(&self) -> Result<String, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<String, serde_json::Error> {
+            serde_json::to_string(self)
+        }
+    }
+}
+
+fn load_native(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
+    let bytes = read(path)?;
+    let sha256 = sha256_hex(&bytes);
+    drop(bytes);
+    let reader = burn_pack::Reader::from_file(path)
+        .map_err(|e| store_err(path, format!("not a readable burnpack file: {e}")))?;
+    let meta = reader.metadata();
+    let get = |k: &str| {
+        meta.get(k).cloned().ok_or_else(|| {
+            store_err(
+                path,
+                format!("burnpack without `{k}` metadata: not written by avp's save_native"),
+            )
+        })
+    };
+    let config: ResNetConfig = serde_json::from_str(&get(META_CONFIG)?)
+        .map_err(|e| store_err(path, format!("bad architecture metadata: {e}")))?;
+    let normalization: Normalization = serde_json::from_str(&get(META_NORMALIZATION)?)
+        .map_err(|e| store_err(path, format!("bad normalization metadata: {e}")))?;
+    let original: Option<Provenance> = meta
+        .get(META_PROVENANCE)
+        .and_then(|p| serde_json::from_str(p).ok());
+    drop(reader);
+    config.validate()?;
+    let mut model = config.init(device);
+    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    let result = model
+        .load_from(&mut store)
+        .map_err(|e| store_err(path, e))?;
+    check_apply(path, &result)?;
+    let provenance = Provenance {
+        path: path.to_path_buf(),
+        format: WeightFormat::Burnpack,
+        sha256,
+        architecture: config.describe(),
+        producer: original.as_ref().and_then(|p| p.producer.clone()),
+        opset: None,
+        folded_batchnorm: original.as_ref().is_some_and(|p| p.folded_batchnorm),
+        stored_values: original.as_ref().map_or(0, |p| p.stored_values),
+        known: None,
+        converted_from: original.map(Box::new),
+    };
+    Ok((model, config, provenance, Some(normalization)))
+}

@@ -1,0 +1,156 @@
+//! What the importer sees in a weights file: architecture, head,
+//! parameter count, normalization and provenance; with `--input`, the
+//! model's outputs for an already-normalized NCHW float32 `.npy` array.
+//!
+//! ```text
+//! cargo run --example inspect_weights -- weights/mlnet-resnet18/ResNet18.onnx \
+//!     --prep weights/mlnet-resnet18/ResNetPreprocess.onnx
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use avp::model::{LoadOptions, load_weights, npy, parse_device};
+use burn::module::Module;
+use burn::tensor::{Tensor, TensorData};
+use clap::Parser;
+
+/// Inspect a ResNet weights file (ONNX, .pth, .safetensors or .bpk).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The weights file.
+    file: PathBuf,
+    /// A preprocessing ONNX file that defines the input normalization
+    /// (e.g. ML.NET's ResNetPreprocess.onnx).
+    #[arg(long)]
+    prep: Option<PathBuf>,
+    /// Run the model on this NCHW float32 .npy array (already normalized)
+    /// and print its outputs (logits, or features for a headless file).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Backend: flex, ndarray, wgpu, vulkan, cuda or cuda:N.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let options = LoadOptions {
+        prep: args.prep.clone(),
+        ..Default::default()
+    };
+    let loaded = load_weights(&args.file, &device, &options)?;
+    let c = &loaded.config;
+    let p = &loaded.provenance;
+    let params = loaded.model.num_params();
+    let outputs = match &args.input {
+        Some(input) => {
+            let (shape, values) = npy::read_f32(input)?;
+            let [n, ch, h, w] = shape[..] else {
+                bail!(
+                    "{}: expected a 4-D NCHW array, found shape {shape:?}",
+                    input.display()
+                );
+            };
+            if ch != 3 {
+                bail!("{}: expected 3 channels, found {ch}", input.display());
+            }
+            loaded.model.check_input_size(h, w)?;
+            let x = Tensor::<4>::from_data(TensorData::new(values, [n, ch, h, w]), &device);
+            let y = loaded.model.forward(x);
+            let [rows, cols] = y.dims();
+            let v = y
+                .into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading the output: {e:?}"))
+                .context("model output")?;
+            Some((rows, cols, v))
+        }
+        None => None,
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "file": p.path,
+            "format": p.format,
+            "sha256": p.sha256,
+            "producer": p.producer,
+            "opset": p.opset,
+            "known_as": p.known.as_ref().map(|k| &k.name),
+            "architecture": c,
+            "description": c.describe(),
+            "head": match c.num_classes { Some(n) => format!("{n} classes"), None => "headless".into() },
+            "features": c.num_features(),
+            "parameters": params,
+            "stored_values": p.stored_values,
+            "folded_batchnorm": p.folded_batchnorm,
+            "normalization": loaded.normalization,
+            "outputs": outputs.as_ref().map(|(r, c, v)| serde_json::json!({"shape": [r, c], "values": v})),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("file           {}", p.path.display());
+    println!(
+        "format         {:?}{}",
+        p.format,
+        p.opset.map(|o| format!(", opset {o}")).unwrap_or_default()
+    );
+    if let Some(prod) = &p.producer {
+        println!("producer       {prod}");
+    }
+    println!("sha256         {}", p.sha256);
+    if let Some(k) = &p.known {
+        println!("known as       {} ({})", k.name, k.licence);
+    }
+    println!(
+        "architecture   {} blocks, blocks per stage {:?}",
+        match c.block {
+            avp::model::BlockKind::Basic => "basic",
+            avp::model::BlockKind::Bottleneck => "bottleneck",
+        },
+        c.layers
+    );
+    println!("               {}", c.describe());
+    match c.num_classes {
+        Some(n) => println!("head           {n} classes"),
+        None => println!("head           headless, {} features", c.num_features()),
+    }
+    println!("parameters     {params} trainable");
+    println!(
+        "stored values  {} (weights plus BatchNorm statistics)",
+        p.stored_values
+    );
+    println!(
+        "batchnorm      {}",
+        if p.folded_batchnorm {
+            "folded into the convolutions in the file"
+        } else {
+            "separate layers"
+        }
+    );
+    println!("normalization  {}", loaded.normalization.describe());
+    if let Some((rows, cols, v)) = outputs {
+        let what = if c.num_classes.is_some() {
+            "logits"
+        } else {
+            "features"
+        };
+        println!("{what} [{rows}, {cols}]:");
+        for r in 0..rows {
+            let row = &v[r * cols..(r + 1) * cols];
+            let shown: Vec<String> = row.iter().take(8).map(|x| format!("{x:.6}")).collect();
+            let more = if cols > 8 {
+                format!(" … ({} more)", cols - 8)
+            } else {
+                String::new()
+            };
+            println!("  [{r}] {}{more}", shown.join(" "));
+        }
+    }
+    Ok(())
+}
