@@ -440,3 +440,29 @@ fn thousands_of_random_mutations_never_panic() {
         "no mutation was refused: the mutations are not reaching the structure"
     );
 }
+
+// ----------------------------------------------------------- other backends
+
+fn parity_on(device_name: &str, tolerance: f32) {
+    let device = parse_device(device_name).unwrap();
+    for name in ["basic_uneven_unfolded_op13", "bottleneck_stride1x1_unfolded_op15"] {
+        let loaded = load_weights(&fixtures().join(format!("{name}.onnx")), &device, &LoadOptions::default()).unwrap();
+        let ours = run(&loaded.model, &fixtures().join(format!("{name}.input.npy")), &device);
+        let (_, reference) = npy::read_f32(&fixtures().join(format!("{name}.output.npy"))).unwrap();
+        let err = rel_err(&ours, &reference);
+        assert!(err <= tolerance, "{device_name} {name}: relative error {err} > {tolerance}");
+    }
+}
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_matches_onnxruntime() {
+    parity_on("ndarray", 1e-4);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+#[ignore = "needs a Vulkan adapter (Mesa's lavapipe: apt-get install mesa-vulkan-drivers); .ci/run installs it and runs this"]
+fn wgpu_matches_onnxruntime() {
+    parity_on("wgpu", 1e-3);
+}
