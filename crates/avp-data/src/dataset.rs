@@ -41,6 +41,8 @@ pub struct ImageBatch {
     pub images: Tensor<4>,
     /// `[N]` class indices.
     pub targets: Tensor<1, Int>,
+    /// Dataset index of each image, in batch order.
+    pub indices: Vec<usize>,
 }
 
 /// An image folder seen through a transform pipeline.
@@ -146,6 +148,7 @@ impl ImageBatcher {
         let shape = items.first().map(|i| i.shape).unwrap_or([3, 0, 0]);
         let mut pixels = Vec::with_capacity(items.len() * shape.iter().product::<usize>());
         let mut targets = Vec::with_capacity(items.len());
+        let indices = items.iter().map(|i| i.index).collect();
         for it in items {
             pixels.extend_from_slice(&it.pixels);
             targets.push(it.target as i64);
@@ -157,6 +160,7 @@ impl ImageBatcher {
                 device,
             ),
             targets: Tensor::from_data(TensorData::new(targets, [n]), device),
+            indices,
         }
     }
 }

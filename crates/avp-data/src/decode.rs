@@ -37,8 +37,17 @@ pub fn decode_rgb8_bytes(path: &Path, bytes: &[u8]) -> Result<RgbImage, DataErro
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(err("not an image format we recognise (by content)".into()));
+    match reader.format() {
+        None => return Err(err("not an image format we recognise (by content)".into())),
+        // The JPEG decoder fills a truncated scan with grey where PIL (and
+        // so torchvision) refuses the file: require the end-of-image
+        // marker after the last scan, as a complete file has.
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(err(
+                "truncated JPEG: no end-of-image marker after the last scan".into(),
+            ));
+        }
+        _ => {}
     }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_PIXELS * 8);
@@ -48,6 +57,17 @@ pub fn decode_rgb8_bytes(path: &Path, bytes: &[u8]) -> Result<RgbImage, DataErro
         return Err(err("image has no pixels".into()));
     }
     Ok(img.to_rgb8())
+}
+
+/// Whether a JPEG has an EOI marker (`FF D9`) after its last SOS (`FF DA`).
+/// Inside entropy-coded data a literal `FF` is always followed by `00`, so
+/// `FF D9` there can only be the marker.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(i) => bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +109,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused_like_pil() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([x as u8, y as u8, 7])
+        }));
+        let jpg = encode(img, ImageFormat::Jpeg);
+        assert!(decode_rgb8_bytes(Path::new("ok.jpg"), &jpg).is_ok());
+        let e = decode_rgb8_bytes(Path::new("cut.jpg"), &jpg[..jpg.len() * 2 / 3]).unwrap_err();
+        assert!(e.to_string().contains("truncated JPEG"), "{e}");
     }
 
     #[test]

@@ -164,32 +164,59 @@ pub fn inverse_affine_matrix(center: (f64, f64), p: &AffineParams) -> [f64; 6] {
 /// Applies an affine transform as PIL's `Image.transform(AFFINE, NEAREST)`
 /// does: each output pixel centre is mapped through the inverse matrix and
 /// the input pixel under it is copied; outside the input, `fill`.
+///
+/// PIL walks rows incrementally, in 16.16 fixed point whenever the mapped
+/// corners fit (always, at these image sizes), else in floating point; we
+/// follow it step by step so that the same pixels are picked.
 pub fn affine(img: &RgbImage, p: &AffineParams, fill: [u8; 3]) -> RgbImage {
     let (w, h) = img.dimensions();
     let m = inverse_affine_matrix((w as f64 * 0.5, h as f64 * 0.5), p);
     let mut out = RgbImage::from_pixel(w, h, image::Rgb(fill));
     let src = img.as_raw();
+    let (wu, hu) = (w as usize, h as usize);
     let dst: &mut [u8] = &mut out;
-    // PIL walks rows incrementally from the first pixel centre.
-    let mut xo = m[2] + m[0] * 0.5 + m[1] * 0.5;
-    let mut yo = m[5] + m[3] * 0.5 + m[4] * 0.5;
-    for y in 0..h as usize {
-        let (mut xx, mut yy) = (xo, yo);
-        for x in 0..w as usize {
-            // PIL's COORD: negative → -1, else truncation.
-            if xx >= 0.0 && yy >= 0.0 {
-                let (xi, yi) = (xx as usize, yy as usize);
-                if xi < w as usize && yi < h as usize {
-                    let s = (yi * w as usize + xi) * 3;
-                    let d = (y * w as usize + x) * 3;
-                    dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
-                }
-            }
-            xx += m[0];
-            yy += m[3];
+    let mut copy = |x: usize, y: usize, xi: i64, yi: i64| {
+        if xi >= 0 && yi >= 0 && (xi as usize) < wu && (yi as usize) < hu {
+            let s = (yi as usize * wu + xi as usize) * 3;
+            let d = (y * wu + x) * 3;
+            dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
         }
-        xo += m[1];
-        yo += m[4];
+    };
+    let fits = |x: f64, y: f64| {
+        (x * m[0] + y * m[1] + m[2]).abs() < 32768.0 && (x * m[3] + y * m[4] + m[5]).abs() < 32768.0
+    };
+    let (fw, fh) = (w as f64, h as f64);
+    let scale_only = m[1] == 0.0 && m[3] == 0.0;
+    if !scale_only && fits(0.0, 0.0) && fits(fw, fh) && fits(0.0, fh) && fits(fw, 0.0) {
+        let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i64;
+        let (a0, a1, a3, a4) = (fix(m[0]), fix(m[1]), fix(m[3]), fix(m[4]));
+        let mut a2 = fix(m[2] + m[0] * 0.5 + m[1] * 0.5);
+        let mut a5 = fix(m[5] + m[3] * 0.5 + m[4] * 0.5);
+        for y in 0..hu {
+            let (mut xx, mut yy) = (a2, a5);
+            for x in 0..wu {
+                copy(x, y, xx >> 16, yy >> 16);
+                xx += a0;
+                yy += a3;
+            }
+            a2 += a1;
+            a5 += a4;
+        }
+    } else {
+        // PIL's COORD: negative → -1, else truncation.
+        let coord = |v: f64| if v < 0.0 { -1 } else { v as i64 };
+        let mut xo = m[2] + m[0] * 0.5 + m[1] * 0.5;
+        let mut yo = m[5] + m[3] * 0.5 + m[4] * 0.5;
+        for y in 0..hu {
+            let (mut xx, mut yy) = (xo, yo);
+            for x in 0..wu {
+                copy(x, y, coord(xx), coord(yy));
+                xx += m[0];
+                yy += m[3];
+            }
+            xo += m[1];
+            yo += m[4];
+        }
     }
     out
 }

@@ -462,7 +462,7 @@ impl ResNet {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
 
@@ -480,7 +480,7 @@ mod tests {
         // torchvision's state-dict sizes without `num_batches_tracked`
         // (parameters 11,689,512 and 25,557,032, plus the BatchNorm running
         // statistics, which Burn's `num_params` counts too).
-        let device = Device::default();
+        let device = Device::flex();
         for (name, values) in [("resnet18", 11_699_112), ("resnet50", 25_610_152)] {
             let model = ResNetConfig::preset(name).unwrap().init(&device);
             assert_eq!(model.num_params(), values, "{name}");
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn shapes_and_head_replacement() {
-        let device = Device::default();
+        let device = Device::flex();
         let cfg = ResNetConfig::new(BlockKind::Bottleneck, [1, 1, 1, 1])
             .with_widths([4, 8, 8, 16])
             .with_stem_width(8)
@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn fixed_pool_window_restricts_input_size() {
-        let device = Device::default();
+        let device = Device::flex();
         let model = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1])
             .with_widths([4, 4, 4, 4])
             .with_stem_width(4)

@@ -445,12 +445,27 @@ fn thousands_of_random_mutations_never_panic() {
 
 fn parity_on(device_name: &str, tolerance: f32) {
     let device = parse_device(device_name).unwrap();
-    for name in ["basic_uneven_unfolded_op13", "bottleneck_stride1x1_unfolded_op15"] {
-        let loaded = load_weights(&fixtures().join(format!("{name}.onnx")), &device, &LoadOptions::default()).unwrap();
-        let ours = run(&loaded.model, &fixtures().join(format!("{name}.input.npy")), &device);
+    for name in [
+        "basic_uneven_unfolded_op13",
+        "bottleneck_stride1x1_unfolded_op15",
+    ] {
+        let loaded = load_weights(
+            &fixtures().join(format!("{name}.onnx")),
+            &device,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let ours = run(
+            &loaded.model,
+            &fixtures().join(format!("{name}.input.npy")),
+            &device,
+        );
         let (_, reference) = npy::read_f32(&fixtures().join(format!("{name}.output.npy"))).unwrap();
         let err = rel_err(&ours, &reference);
-        assert!(err <= tolerance, "{device_name} {name}: relative error {err} > {tolerance}");
+        assert!(
+            err <= tolerance,
+            "{device_name} {name}: relative error {err} > {tolerance}"
+        );
     }
 }
 

@@ -30,7 +30,8 @@ fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
 /// A directory named by an environment variable that `.ci/run` sets; when
 /// set, the data must be there (fail, never skip).
 fn required_dir(var: &str) -> PathBuf {
-    let dir = std::env::var(var).unwrap_or_else(|_| panic!("set {var} (see .ci/run) to run this suite"));
+    let dir =
+        std::env::var(var).unwrap_or_else(|_| panic!("set {var} (see .ci/run) to run this suite"));
     let dir = PathBuf::from(dir);
     assert!(dir.is_dir(), "{var}={} does not exist", dir.display());
     dir
@@ -40,7 +41,15 @@ fn required_dir(var: &str) -> PathBuf {
 fn real_resnet18_imports_with_its_own_architecture_and_normalization() {
     let device = parse_device("flex").unwrap();
     let (net, prep) = mlnet();
-    let loaded = load_weights(&net, &device, &LoadOptions { prep: Some(prep.clone()), ..Default::default() }).unwrap();
+    let loaded = load_weights(
+        &net,
+        &device,
+        &LoadOptions {
+            prep: Some(prep.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let c = &loaded.config;
     assert_eq!(c.block, BlockKind::Basic);
     assert_eq!(c.layers, [2, 2, 2, 3]);
@@ -50,7 +59,10 @@ fn real_resnet18_imports_with_its_own_architecture_and_normalization() {
     assert_eq!(c.final_pool_window, Some(7));
     assert_eq!(loaded.provenance.stored_values, 15_908_800);
     assert!(!loaded.provenance.folded_batchnorm);
-    assert_eq!(loaded.provenance.known.as_ref().map(|k| k.name.as_str()), Some("mlnet-resnet18"));
+    assert_eq!(
+        loaded.provenance.known.as_ref().map(|k| k.name.as_str()),
+        Some("mlnet-resnet18")
+    );
     let n = &loaded.normalization;
     assert_eq!(n.channel_order, ChannelOrder::Bgr);
     assert_eq!(n.range, ValueRange::Byte);
@@ -63,7 +75,10 @@ fn real_resnet18_imports_with_its_own_architecture_and_normalization() {
     // Without the prep file, the manifest (by SHA-256) says the same.
     let plain = load_weights(&net, &device, &LoadOptions::default()).unwrap();
     assert_eq!(plain.normalization.channel_order, ChannelOrder::Bgr);
-    assert!(matches!(plain.normalization.source, NormalizationSource::Manifest(_)));
+    assert!(matches!(
+        plain.normalization.source,
+        NormalizationSource::Manifest(_)
+    ));
     // Sizes where its fixed 7x7 average pool is not global are refused.
     assert!(loaded.model.check_input_size(224, 224).is_ok());
     assert!(loaded.model.check_input_size(256, 256).is_err());
@@ -79,7 +94,12 @@ fn real_resnet18_matches_onnxruntime_on_eight_photos_at_once() {
     let (shape, values) = npy::read_f32(&dir.join("mlnet_photos.input.npy")).unwrap();
     assert!(shape[0] >= 8, "at least 8 photos in one batch");
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let ours = loaded.model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+    let ours = loaded
+        .model
+        .forward(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     let (_, reference) = npy::read_f32(&dir.join("mlnet_photos.output.npy")).unwrap();
     let err = rel_err(&ours, &reference);
     assert!(err <= 1e-4, "relative error {err}");
@@ -91,13 +111,23 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
     let dir = required_dir("AVP_RESNET50_DIR");
     let device = parse_device("flex").unwrap();
     for name in ["resnet50_folded", "resnet50_unfolded"] {
-        let loaded = load_weights(&dir.join(format!("{name}.onnx")), &device, &LoadOptions::default()).unwrap();
+        let loaded = load_weights(
+            &dir.join(format!("{name}.onnx")),
+            &device,
+            &LoadOptions::default(),
+        )
+        .unwrap();
         assert_eq!(loaded.config.block, BlockKind::Bottleneck);
         assert_eq!(loaded.config.layers, [3, 4, 6, 3]);
         assert_eq!(loaded.config.num_classes, Some(1000));
         let (shape, values) = npy::read_f32(&dir.join(format!("{name}.input.npy"))).unwrap();
         let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-        let ours = loaded.model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let ours = loaded
+            .model
+            .forward(x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let (_, reference) = npy::read_f32(&dir.join(format!("{name}.output.npy"))).unwrap();
         let err = rel_err(&ours, &reference);
         assert!(err <= 1e-4, "{name}: relative error {err}");
@@ -106,7 +136,12 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
     let loaded = load_weights(&dir.join("resnet50.pth"), &device, &LoadOptions::default()).unwrap();
     let (shape, values) = npy::read_f32(&dir.join("resnet50_unfolded.input.npy")).unwrap();
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let ours = loaded.model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+    let ours = loaded
+        .model
+        .forward(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     let (_, reference) = npy::read_f32(&dir.join("resnet50_unfolded.output.npy")).unwrap();
     assert!(rel_err(&ours, &reference) <= 1e-4);
 }
