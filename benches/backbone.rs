@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
 //! ResNet50 forward throughput per compiled backend, batch 1 and 8.
 //! Criterion's `thrpt` column is images per second.
 //!

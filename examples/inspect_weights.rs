@@ -85,7 +85,7 @@ fn main() -> Result<()> {
             "description": c.describe(),
             "head": match c.num_classes { Some(n) => format!("{n} classes"), None => "headless".into() },
             "features": c.num_features(),
-            "parameters": params,
+            "values": params,
             "stored_values": p.stored_values,
             "folded_batchnorm": p.folded_batchnorm,
             "normalization": loaded.normalization,
@@ -120,7 +120,7 @@ fn main() -> Result<()> {
         Some(n) => println!("head           {n} classes"),
         None => println!("head           headless, {} features", c.num_features()),
     }
-    println!("parameters     {params} trainable");
+    println!("values         {params} (parameters and BatchNorm running statistics)");
     println!(
         "stored values  {} (weights plus BatchNorm statistics)",
         p.stored_values

@@ -1,4 +1,9 @@
-//! avp facade
+#![doc = include_str!("../README.md")]
+//!
+//! The facade re-exports the three crates: [`data`] (`avp-data`), [`model`]
+//! (`avp-model`) and [`train`] (`avp-train`).
+#![warn(missing_docs)]
+
 pub use avp_data as data;
 pub use avp_model as model;
 pub use avp_train as train;

@@ -285,3 +285,44 @@ fn burns_multi_worker_loader_gives_each_image_the_same_augmentation() {
     };
     assert_eq!(per_item(1), per_item(3));
 }
+
+/// The shared data folder, named by `AVP_SHARED` (set by `.ci/run`); when
+/// set, the data must be there.
+fn shared() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("AVP_SHARED").expect("set AVP_SHARED (see .ci/run)"));
+    assert!(
+        dir.join("data").is_dir(),
+        "AVP_SHARED={} has no data/",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+#[ignore = "needs ../shared (AVP_SHARED, set by .ci/run)"]
+fn hymenoptera_opens_as_torchvision_sees_it() {
+    let root = shared().join("data/hymenoptera_data");
+    let train = ImageFolder::open(&root, Split::Train, OpenOptions { strict: true }).unwrap();
+    assert_eq!(train.classes, ["ants", "bees"]);
+    assert_eq!(train.len(), 244, "{train}");
+    assert!(
+        train
+            .ignored
+            .iter()
+            .any(|p| p.ends_with("imageNotFound.gif"))
+    );
+    let val = ImageFolder::open(&root, Split::Validation, OpenOptions { strict: true }).unwrap();
+    assert_eq!(val.len(), 153);
+}
+
+#[test]
+#[ignore = "needs ../shared (AVP_SHARED, set by .ci/run)"]
+fn the_shared_lesson_set_matches_the_committed_copy() {
+    let root = shared().join("data/alien_vs_predator_thumbnails/data");
+    for split in [Split::Train, Split::Validation] {
+        let a = ImageFolder::open(&root, split, OpenOptions { strict: true }).unwrap();
+        let b = ImageFolder::open(&lesson_root(), split, OpenOptions { strict: true }).unwrap();
+        assert_eq!(a.counts(), b.counts());
+        assert_eq!(a.samples.len(), b.samples.len());
+    }
+}

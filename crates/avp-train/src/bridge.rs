@@ -1,0 +1,36 @@
+//! Conversions between the model crate's and the data crate's types, which
+//! know nothing of each other.
+
+use avp_data::{Channels, Normalize};
+use avp_model::{ChannelOrder, Normalization, ValueRange};
+
+/// The data pipeline's `Normalize` for a model's normalization.
+pub fn data_normalize(n: &Normalization) -> Normalize {
+    Normalize {
+        channels: match n.channel_order {
+            ChannelOrder::Rgb => Channels::Rgb,
+            ChannelOrder::Bgr => Channels::Bgr,
+        },
+        scale: match n.range {
+            ValueRange::Unit => 1.0 / 255.0,
+            ValueRange::Byte => 1.0,
+        },
+        mean: n.mean,
+        std: n.std,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caffe_bgr_becomes_raw_bgr_minus_mean() {
+        let n = data_normalize(&Normalization::caffe_bgr());
+        assert_eq!(n.channels, Channels::Bgr);
+        assert_eq!(n.scale, 1.0);
+        assert_eq!(n.std, [1.0; 3]);
+        let t = data_normalize(&Normalization::imagenet());
+        assert_eq!(t, Normalize::imagenet());
+    }
+}
