@@ -3,6 +3,8 @@
 //! errors for bad layouts, corrupt files reported and skipped, and batches
 //! that do not depend on the number of loader workers.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 use avp_data::{

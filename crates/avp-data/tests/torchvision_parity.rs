@@ -1,6 +1,8 @@
 //! Our transforms against torchvision's, on the reference images that
 //! `tests/fixtures/data/make_fixtures.py` writes with PIL and torchvision.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 use avp_data::{AffineParams, Resize, affine, decode_rgb8};

@@ -239,7 +239,7 @@ fn channel_means(dims: &[usize], v: &[f32]) -> Option<[f32; 3]> {
         return Some([v[0]; 3]);
     }
     let lead: Vec<usize> = dims.iter().copied().skip_while(|&d| d == 1).collect();
-    if lead.first() != Some(&3) || v.len() % 3 != 0 {
+    if lead.first() != Some(&3) || !v.len().is_multiple_of(3) {
         return None;
     }
     let per = v.len() / 3;

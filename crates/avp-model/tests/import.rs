@@ -2,6 +2,8 @@
 //! (`tests/fixtures/onnx`, made by `make_fixtures.py` there), and clear
 //! errors for every kind of bad file.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 use avp_model::onnx::proto::{ModelProto, TensorProto};

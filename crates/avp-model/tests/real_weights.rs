@@ -2,6 +2,8 @@
 //! in `weights/mlnet-resnet18/`), and the full-size ResNet50 that `.ci/run`
 //! generates with torchvision and runs in onnxruntime.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::{Path, PathBuf};
 
 use avp_model::{
