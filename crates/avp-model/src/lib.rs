@@ -36,7 +36,7 @@ pub use error::ModelError;
 pub use fill::fill;
 pub use normalization::{ChannelOrder, Normalization, NormalizationSource, ValueRange};
 pub use resnet::{
-    Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
+    BatchNormUse, Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
 };
 pub use weights::{
     KnownWeights, LoadOptions, LoadedModel, Provenance, WeightFormat, load_weights, manifest,

@@ -324,17 +324,70 @@ pub struct Block {
     pub downsample: Option<Downsample>,
 }
 
+/// How BatchNorm layers normalize during a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchNormUse {
+    /// Burn's own behaviour: running statistics except on an autodiff
+    /// device with the layer in training mode.
+    Module,
+    /// Statistics of the batch at hand, and the running statistics updated
+    /// as PyTorch's `model.train()` does (momentum 0.1, unbiased variance),
+    /// whatever the device. The frozen-backbone "lesson" mode.
+    BatchStatistics,
+}
+
+fn batch_norm(bn: &BatchNorm, x: Tensor<4>, mode: BatchNormUse) -> Tensor<4> {
+    match mode {
+        BatchNormUse::Module => bn.forward(x),
+        BatchNormUse::BatchStatistics => {
+            let [n, _, h, w] = x.dims();
+            let count = (n * h * w) as f64;
+            let r = burn::tensor::module::batch_norm_train(
+                x,
+                bn.gamma.val(),
+                bn.beta.val(),
+                bn.epsilon,
+            );
+            let unbiased = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            let m = bn.momentum;
+            let device = r.mean.device();
+            let mean = bn.running_mean.value().to_device(&device);
+            let var = bn.running_var.value().to_device(&device);
+            bn.running_mean.update(
+                mean.mul_scalar(1.0 - m)
+                    .add(r.mean.detach().mul_scalar(m))
+                    .detach(),
+            );
+            bn.running_var.update(
+                var.mul_scalar(1.0 - m)
+                    .add(r.variance.detach().mul_scalar(m * unbiased))
+                    .detach(),
+            );
+            r.output
+        }
+    }
+}
+
 impl Block {
     /// `relu(main(x) + shortcut(x))`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_with(x, BatchNormUse::Module)
+    }
+
+    /// [`Block::forward`] with a choice of BatchNorm statistics.
+    pub fn forward_with(&self, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(ds) => ds.bn.forward(ds.conv.forward(x.clone())),
+            Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
             None => x.clone(),
         };
-        let mut out = relu(self.bn1.forward(self.conv1.forward(x)));
-        out = self.bn2.forward(self.conv2.forward(out));
+        let mut out = relu(batch_norm(&self.bn1, self.conv1.forward(x), bn));
+        out = batch_norm(&self.bn2, self.conv2.forward(out), bn);
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv3.forward(relu(out)));
+            out = batch_norm(bn3, conv3.forward(relu(out)), bn);
         }
         relu(out + identity)
     }
@@ -368,7 +421,12 @@ pub struct ResNet {
 impl ResNet {
     /// The feature map before pooling, `[N, F, H/32, W/32]`.
     pub fn forward_feature_map(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(self.conv1.forward(images)));
+        self.forward_feature_map_with(images, BatchNormUse::Module)
+    }
+
+    /// [`ResNet::forward_feature_map`] with a choice of BatchNorm statistics.
+    pub fn forward_feature_map_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        let x = relu(batch_norm(&self.bn1, self.conv1.forward(images), bn));
         let mut x = self.maxpool.forward(x);
         for block in self
             .layer1
@@ -377,14 +435,19 @@ impl ResNet {
             .chain(&self.layer3)
             .chain(&self.layer4)
         {
-            x = block.forward(x);
+            x = block.forward_with(x, bn);
         }
         x
     }
 
     /// The headless backbone: globally average-pooled features `[N, F]`.
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<2> {
-        let map = self.forward_feature_map(images);
+        self.forward_features_with(images, BatchNormUse::Module)
+    }
+
+    /// [`ResNet::forward_features`] with a choice of BatchNorm statistics.
+    pub fn forward_features_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
+        let map = self.forward_feature_map_with(images, bn);
         let [n, c, _, _] = map.dims();
         map.mean_dims(&[2, 3]).reshape([n, c])
     }

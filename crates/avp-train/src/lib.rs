@@ -1,9 +1,16 @@
 //! # avp-train
 //!
-//! Frozen-backbone transfer learning: the glue between [`avp_model`]'s
-//! networks and [`avp_data`]'s pipeline.
+//! Frozen-backbone transfer learning through burn-train's `Learner`: a
+//! [`Classifier`] made of a frozen ResNet (kept off the autodiff tape) and
+//! a trainable head, trained on an image folder with the lesson's recipe.
 #![warn(missing_docs)]
 
 pub mod bridge;
+pub mod classifier;
+mod error;
+pub mod train;
 
 pub use bridge::data_normalize;
+pub use classifier::{BnMode, Classifier, Head, HeadConfig};
+pub use error::TrainError;
+pub use train::{EpochMetrics, TrainConfig, TrainOutcome, open_splits, train};

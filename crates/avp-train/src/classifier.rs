@@ -1,0 +1,265 @@
+//! `Classifier` = a frozen backbone + a trainable head.
+//!
+//! The backbone lives on the *inner* device (never on the autodiff tape):
+//! images are taken off autodiff, run through the backbone, and the pooled
+//! features are lifted back onto the autodiff device for the head, so a
+//! training step records only the head. The backbone is held outside the
+//! Burn module tree (a `#[module(skip)]` field), which also keeps it out of
+//! the optimizer's reach and out of every checkpoint of the head.
+
+use std::sync::{Arc, Mutex};
+
+use avp_data::ImageBatch;
+use avp_model::{BatchNormUse, ResNet};
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Int, Tensor};
+use burn::train::{ClassificationOutput, InferenceStep, TrainOutput, TrainStep};
+
+use crate::error::TrainError;
+
+/// The trainable head: `Linear(F, h1) → ReLU → … → Linear(hN, classes)`,
+/// with optional dropout before each hidden ReLU. The default is the
+/// lesson's `Linear(F, 128) → ReLU → Linear(128, classes)`.
+#[derive(Config, Debug)]
+pub struct HeadConfig {
+    /// Hidden layer widths (the lesson: `[128]`).
+    #[config(default = "vec![128]")]
+    pub hidden: Vec<usize>,
+    /// Dropout probability after each hidden layer (the lesson: 0).
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+impl HeadConfig {
+    /// Builds the head for `features` inputs and `classes` outputs.
+    pub fn init(
+        &self,
+        features: usize,
+        classes: usize,
+        device: &Device,
+    ) -> Result<Head, TrainError> {
+        if features == 0 || classes < 2 {
+            return Err(TrainError::Config(format!(
+                "a head needs features > 0 and at least 2 classes (got {features} features, {classes} classes)"
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(TrainError::Config(format!(
+                "dropout {} is not in [0, 1)",
+                self.dropout
+            )));
+        }
+        let mut widths = vec![features];
+        widths.extend(self.hidden.iter().copied());
+        widths.push(classes);
+        if widths.contains(&0) {
+            return Err(TrainError::Config(format!(
+                "hidden widths must be positive: {:?}",
+                self.hidden
+            )));
+        }
+        let layers = widths
+            .windows(2)
+            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+            .collect();
+        Ok(Head {
+            layers,
+            dropout: DropoutConfig::new(self.dropout).init(),
+        })
+    }
+}
+
+/// The trainable head.
+#[derive(Module, Debug)]
+pub struct Head {
+    /// The linear layers.
+    pub layers: Vec<Linear>,
+    /// Dropout after each hidden layer.
+    pub dropout: Dropout,
+}
+
+impl Head {
+    /// Logits for pooled features.
+    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i + 1 < n {
+                x = relu(self.dropout.forward(x));
+            }
+        }
+        x
+    }
+
+    /// Input width.
+    pub fn features(&self) -> usize {
+        self.layers
+            .first()
+            .map(|l| l.weight.lazy_shape().dims::<2>()[0])
+            .unwrap_or(0)
+    }
+
+    /// Output width.
+    pub fn classes(&self) -> usize {
+        self.layers
+            .last()
+            .map(|l| l.weight.lazy_shape().dims::<2>()[1])
+            .unwrap_or(0)
+    }
+}
+
+/// How the frozen backbone's BatchNorm layers behave while training.
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum BnMode {
+    /// Running statistics, always (the default): the backbone is a fixed
+    /// function, and features can be cached.
+    Frozen,
+    /// Batch statistics during the training phase, updating the running
+    /// statistics (momentum 0.1): what the PyTorch lesson does when it calls
+    /// `model.train()` on a network whose parameters are all frozen.
+    Lesson,
+}
+
+/// Per-phase running totals, read by the progress logger at the end of
+/// each phase.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PhaseTotals {
+    /// Sum of per-image losses.
+    pub loss_sum: f64,
+    /// Correct predictions.
+    pub correct: usize,
+    /// Images seen.
+    pub seen: usize,
+}
+
+/// Totals for the training and validation phases of the current epoch.
+#[derive(Debug, Default)]
+pub struct EpochTotals {
+    /// Training phase.
+    pub train: PhaseTotals,
+    /// Validation phase.
+    pub valid: PhaseTotals,
+}
+
+/// The frozen backbone, shared (not copied) by every clone of the
+/// classifier.
+#[derive(Clone, Debug)]
+pub struct FrozenBackbone(pub Arc<ResNet>);
+
+/// A frozen backbone and a trainable head.
+#[derive(Module, Debug)]
+pub struct Classifier {
+    /// The trainable head.
+    pub head: Head,
+    /// The frozen backbone, on the inner (non-autodiff) device.
+    #[module(skip)]
+    pub backbone: FrozenBackbone,
+    /// BatchNorm behaviour while training.
+    #[module(skip)]
+    pub bn_mode: BnMode,
+    /// Running totals of the current epoch.
+    #[module(skip)]
+    pub totals: Arc<Mutex<EpochTotals>>,
+}
+
+impl Classifier {
+    /// Joins a backbone and a head, checking that their widths fit.
+    pub fn new(backbone: ResNet, head: Head, bn_mode: BnMode) -> Result<Self, TrainError> {
+        let f = backbone.num_features();
+        if head.features() != f {
+            return Err(TrainError::Config(format!(
+                "the backbone gives {f} features but the head expects {}",
+                head.features()
+            )));
+        }
+        Ok(Self {
+            head,
+            backbone: FrozenBackbone(Arc::new(backbone.no_grad())),
+            bn_mode,
+            totals: Arc::new(Mutex::new(EpochTotals::default())),
+        })
+    }
+
+    /// Pooled backbone features, computed off the tape and returned on the
+    /// device of `images` (lifted onto autodiff when `images` are).
+    pub fn features(&self, images: Tensor<4>) -> Tensor<2> {
+        self.features_in_phase(images, false)
+    }
+
+    /// Features in the training phase (`train = true`) or otherwise: in
+    /// [`BnMode::Lesson`] the training phase uses batch statistics.
+    pub fn features_in_phase(&self, images: Tensor<4>, train: bool) -> Tensor<2> {
+        let on_tape = images.is_autodiff();
+        let x = images.without_autodiff();
+        let bn = match (self.bn_mode, train) {
+            (BnMode::Lesson, true) => BatchNormUse::BatchStatistics,
+            _ => BatchNormUse::Module,
+        };
+        let f = self.backbone.0.forward_features_with(x, bn);
+        if on_tape { f.autodiff() } else { f }
+    }
+
+    /// Logits for images.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        self.head.forward(self.features(images))
+    }
+
+    /// Softmax probabilities for images, off the tape.
+    pub fn probabilities(&self, images: Tensor<4>) -> Tensor<2> {
+        burn::tensor::activation::softmax(self.forward(images.without_autodiff()), 1)
+    }
+
+    fn classify(
+        &self,
+        images: Tensor<4>,
+        targets: Tensor<1, Int>,
+        train: bool,
+    ) -> ClassificationOutput {
+        let logits = self.head.forward(self.features_in_phase(images, train));
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.clone(), targets.clone());
+        self.record(&logits, &targets, &loss, train);
+        ClassificationOutput::new(loss, logits, targets)
+    }
+
+    fn record(&self, logits: &Tensor<2>, targets: &Tensor<1, Int>, loss: &Tensor<1>, train: bool) {
+        let n = targets.dims()[0];
+        let pred = logits.clone().without_autodiff().argmax(1).reshape([n]);
+        let correct = pred
+            .equal(targets.clone().without_autodiff())
+            .int()
+            .sum()
+            .into_scalar::<i64>() as usize;
+        let l = loss.clone().without_autodiff().into_scalar::<f32>() as f64;
+        if let Ok(mut t) = self.totals.lock() {
+            let p = if train { &mut t.train } else { &mut t.valid };
+            p.loss_sum += l * n as f64;
+            p.correct += correct;
+            p.seen += n;
+        }
+    }
+}
+
+impl TrainStep for Classifier {
+    type Input = ImageBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: ImageBatch) -> TrainOutput<ClassificationOutput> {
+        let out = self.classify(batch.images, batch.targets, true);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl InferenceStep for Classifier {
+    type Input = ImageBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: ImageBatch) -> ClassificationOutput {
+        self.classify(batch.images, batch.targets, false)
+    }
+}
