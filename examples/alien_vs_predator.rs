@@ -125,6 +125,7 @@ fn main() -> Result<()> {
     };
     let eval = Pipeline::eval(normalize);
     let model = &outcome.model;
+    let mut figure = Vec::new();
     for p in &picks {
         let img = decode_rgb8(p)?;
         let x = Tensor::<4>::from_data(
@@ -146,8 +147,28 @@ fn main() -> Result<()> {
             .map(|(c, p)| format!("{:.0}% {}", p * 100.0, capitalize(c)))
             .collect();
         println!("{}: {}", p.display(), title.join(", "));
+        figure.push((img, title.join(", ")));
     }
-    println!("metrics: {}", outcome.out_dir.join("metrics.csv").display());
+    let predictions = outcome.out_dir.join("predictions.png");
+    avp::train::plot_predictions(&figure, &predictions)?;
+    println!();
+    println!(
+        "model:       {}",
+        outcome.out_dir.join("model.bpk").display()
+    );
+    println!(
+        "config:      {}",
+        outcome.out_dir.join("config.json").display()
+    );
+    println!(
+        "metrics:     {}",
+        outcome.out_dir.join("metrics.csv").display()
+    );
+    println!(
+        "curves:      {}",
+        outcome.out_dir.join("curves.png").display()
+    );
+    println!("predictions: {}", predictions.display());
     Ok(())
 }
 

@@ -5,12 +5,15 @@
 //! a trainable head, trained on an image folder with the lesson's recipe.
 #![warn(missing_docs)]
 
+pub mod artifacts;
 pub mod bridge;
 pub mod classifier;
 mod error;
+pub mod render;
 pub mod train;
 
+pub use artifacts::{TrainedModel, load_model, plot_curves, plot_predictions, save_model};
 pub use bridge::data_normalize;
 pub use classifier::{BnMode, Classifier, Head, HeadConfig};
 pub use error::TrainError;
-pub use train::{EpochMetrics, TrainConfig, TrainOutcome, open_splits, train};
+pub use train::{EpochMetrics, TrainConfig, TrainOutcome, lesson_lines, open_splits, train};

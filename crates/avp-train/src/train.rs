@@ -4,7 +4,7 @@
 //! written to `metrics.csv`.
 
 use std::fs::OpenOptions as FileOptions;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::bridge::data_normalize;
 use crate::classifier::{BnMode, Classifier, EpochTotals, HeadConfig};
 use crate::error::TrainError;
+use crate::render::PlainRenderer;
 
 /// The training recipe; the defaults are the lesson's.
 #[derive(Config, Debug)]
@@ -78,6 +79,10 @@ pub struct TrainOutcome {
     pub epochs: Vec<EpochMetrics>,
     /// The output folder.
     pub out_dir: PathBuf,
+    /// The backbone's architecture.
+    pub backbone_config: avp_model::ResNetConfig,
+    /// The backbone's input normalization.
+    pub normalization: avp_model::Normalization,
 }
 
 /// Opens both splits, checking that they make a classification problem.
@@ -101,8 +106,10 @@ pub fn open_splits(root: &Path) -> Result<(ImageFolder, ImageFolder), TrainError
     Ok((train, valid))
 }
 
-/// Prints the lesson's per-epoch lines and appends them to `metrics.csv`.
+/// Prints the lesson's per-epoch lines (unless a dashboard owns the
+/// terminal) and appends them to `metrics.csv`.
 struct LessonLogger {
+    print: bool,
     totals: Arc<Mutex<EpochTotals>>,
     epochs: Arc<Mutex<Vec<EpochMetrics>>>,
     total_epochs: usize,
@@ -113,15 +120,19 @@ struct LessonLogger {
     phase_seconds: (f64, f64),
 }
 
-impl LessonLogger {
-    fn phase_line(&self, name: &str, t: &crate::classifier::PhaseTotals) -> String {
-        let n = t.seen.max(1) as f64;
-        format!(
-            "{name} loss: {:.4}, acc: {:.4}",
-            t.loss_sum / n,
-            t.correct as f64 / n
-        )
-    }
+/// The lesson's per-epoch block:
+///
+/// ```text
+/// Epoch 1/5
+/// ----------
+/// train loss: 0.4493, acc: 0.7550
+/// validation loss: 0.3204, acc: 0.8450  (61.2 s)
+/// ```
+pub fn lesson_lines(m: &EpochMetrics, total_epochs: usize) -> String {
+    format!(
+        "Epoch {}/{total_epochs}\n----------\ntrain loss: {:.4}, acc: {:.4}\nvalidation loss: {:.4}, acc: {:.4}  ({:.1} s)",
+        m.epoch, m.train_loss, m.train_acc, m.valid_loss, m.valid_acc, m.seconds
+    )
 }
 
 impl TrainingProgressLogger for LessonLogger {
@@ -154,11 +165,9 @@ impl TrainingProgressLogger for LessonLogger {
             valid_acc: va.correct as f64 / va.seen.max(1) as f64,
             seconds: self.phase_seconds.0 + self.phase_seconds.1,
         };
-        println!("Epoch {epoch}/{}", self.total_epochs);
-        println!("----------");
-        println!("{}", self.phase_line("train", &tr));
-        println!("{}", self.phase_line("validation", &va));
-        println!("({:.1} s)", m.seconds);
+        if self.print {
+            println!("{}", lesson_lines(&m, self.total_epochs));
+        }
         let _ = append_csv(&self.csv, &m, self.phase_seconds);
         if let Ok(mut e) = self.epochs.lock() {
             e.push(m);
@@ -238,6 +247,8 @@ pub fn train(
         why: e.to_string(),
     })?;
     let normalize = data_normalize(&backbone.normalization);
+    let backbone_config = backbone.config.clone().with_num_classes(None);
+    let normalization = backbone.normalization.clone();
     let train_pipeline = if config.augment {
         Pipeline::lesson(normalize)
     } else {
@@ -275,7 +286,9 @@ pub fn train(
             why: e.to_string(),
         })?;
     let epochs = Arc::new(Mutex::new(Vec::new()));
+    let dashboard = std::io::stdout().is_terminal();
     let logger = LessonLogger {
+        print: !dashboard,
         totals,
         epochs: Arc::clone(&epochs),
         total_epochs: config.epochs,
@@ -286,17 +299,37 @@ pub fn train(
         phase_seconds: (0.0, 0.0),
     };
     let learner = Learner::new(classifier, AdamConfig::new().init(), config.lr);
-    let result = SupervisedTraining::new(out_dir, train_loader, valid_loader)
+    let mut training = SupervisedTraining::new(out_dir, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .num_epochs(config.epochs)
         .with_default_checkpointers()
-        .with_progress_logger(logger)
-        .launch(learner);
+        .with_progress_logger(logger);
+    if !dashboard {
+        training = training.renderer(Box::new(PlainRenderer::default()));
+    }
+    let result = training.launch(learner);
     let epochs = epochs.lock().map(|e| e.clone()).unwrap_or_default();
-    Ok(TrainOutcome {
+    if dashboard {
+        // The dashboard owned the screen during training: the lesson's lines now.
+        for m in &epochs {
+            println!("{}", lesson_lines(m, config.epochs));
+        }
+    }
+    let outcome = TrainOutcome {
         model: result.model,
         classes,
         epochs,
         out_dir: out_dir.to_path_buf(),
-    })
+        backbone_config,
+        normalization,
+    };
+    crate::artifacts::save_model(
+        &outcome.model,
+        &outcome.backbone_config,
+        &outcome.classes,
+        &outcome.normalization,
+        &out_dir.join("model.bpk"),
+    )?;
+    crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
+    Ok(outcome)
 }

@@ -1,0 +1,275 @@
+//! What a training run leaves behind: `model.bpk` (backbone and head, with
+//! everything needed to run it: architecture, head widths, classes, input
+//! normalization), `curves.png` and `predictions.png`.
+//!
+//! Figures are drawn with plotters on a bitmap, with a font embedded in the
+//! binary (`epaint_default_fonts`), so no system font or fontconfig is
+//! needed.
+
+use std::path::Path;
+use std::sync::Once;
+
+use avp_model::{Normalization, ResNet, ResNetConfig};
+use burn::module::Module;
+use burn::store::{BurnpackStore, ModuleSnapshot};
+use burn::tensor::Device;
+use image::RgbImage;
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+use crate::classifier::{BnMode, Classifier, Head, HeadConfig};
+use crate::error::TrainError;
+use crate::train::EpochMetrics;
+
+/// Backbone and head as one module, for saving and loading.
+#[derive(Module, Debug)]
+pub struct ClassifierWeights {
+    /// The frozen backbone.
+    pub backbone: ResNet,
+    /// The trained head.
+    pub head: Head,
+}
+
+/// A trained classifier loaded from `model.bpk`.
+#[derive(Debug)]
+pub struct TrainedModel {
+    /// The classifier.
+    pub classifier: Classifier,
+    /// Class names, in index order.
+    pub classes: Vec<String>,
+    /// The input normalization the backbone expects.
+    pub normalization: Normalization,
+    /// The backbone's architecture.
+    pub backbone_config: ResNetConfig,
+}
+
+const META_BACKBONE: &str = "avp.backbone_config";
+const META_HEAD: &str = "avp.head_widths";
+const META_CLASSES: &str = "avp.classes";
+const META_NORMALIZATION: &str = "avp.normalization";
+
+fn write_err(path: &Path, why: impl std::fmt::Display) -> TrainError {
+    TrainError::Write {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+/// Writes backbone and head to `path` (burnpack) with their metadata.
+pub fn save_model(
+    model: &Classifier,
+    backbone_config: &ResNetConfig,
+    classes: &[String],
+    normalization: &Normalization,
+    path: &Path,
+) -> Result<(), TrainError> {
+    let widths: Vec<usize> = model
+        .head
+        .layers
+        .iter()
+        .map(|l| l.weight.lazy_shape().dims::<2>()[1])
+        .collect();
+    let json = |v: serde_json::Result<String>| v.map_err(|e| write_err(path, e));
+    let weights = ClassifierWeights {
+        backbone: (*model.backbone.0).clone(),
+        head: model.head.clone(),
+    };
+    let mut store = BurnpackStore::from_file(path)
+        .overwrite(true)
+        .auto_extension(false)
+        .metadata(META_BACKBONE, json(serde_json::to_string(backbone_config))?)
+        .metadata(META_HEAD, json(serde_json::to_string(&widths))?)
+        .metadata(META_CLASSES, json(serde_json::to_string(classes))?)
+        .metadata(
+            META_NORMALIZATION,
+            json(serde_json::to_string(normalization))?,
+        );
+    weights
+        .save_into(&mut store)
+        .map_err(|e| write_err(path, e))
+}
+
+/// Loads a `model.bpk` written by [`save_model`] onto `device`.
+pub fn load_model(path: &Path, device: &Device) -> Result<TrainedModel, TrainError> {
+    let bad = |why: String| {
+        TrainError::Model(avp_model::ModelError::Store {
+            path: path.to_path_buf(),
+            why,
+        })
+    };
+    if !path.is_file() {
+        return Err(bad(
+            "no such file (train a model first, e.g. cargo run --example alien_vs_predator)".into(),
+        ));
+    }
+    let reader = burn_pack::Reader::from_file(path)
+        .map_err(|e| bad(format!("not a readable burnpack file: {e}")))?;
+    let meta = reader.metadata().clone();
+    drop(reader);
+    let get = |k: &str| {
+        meta.get(k).cloned().ok_or_else(|| {
+            bad(format!(
+                "no `{k}` metadata: not a model.bpk written by avp-train"
+            ))
+        })
+    };
+    let parse_err = |e: serde_json::Error| bad(format!("bad metadata: {e}"));
+    let backbone_config: ResNetConfig =
+        serde_json::from_str(&get(META_BACKBONE)?).map_err(parse_err)?;
+    let widths: Vec<usize> = serde_json::from_str(&get(META_HEAD)?).map_err(parse_err)?;
+    let classes: Vec<String> = serde_json::from_str(&get(META_CLASSES)?).map_err(parse_err)?;
+    let normalization: Normalization =
+        serde_json::from_str(&get(META_NORMALIZATION)?).map_err(parse_err)?;
+    backbone_config.validate()?;
+    if widths.last() != Some(&classes.len()) {
+        return Err(bad(format!(
+            "head ends with {:?} outputs but {} classes are named",
+            widths.last(),
+            classes.len()
+        )));
+    }
+    let hidden = widths[..widths.len().saturating_sub(1)].to_vec();
+    let head = HeadConfig::new().with_hidden(hidden).init(
+        backbone_config.num_features(),
+        classes.len(),
+        device,
+    )?;
+    let mut weights = ClassifierWeights {
+        backbone: backbone_config.init(device),
+        head,
+    };
+    let mut store = BurnpackStore::from_file(path).auto_extension(false);
+    let result = weights
+        .load_from(&mut store)
+        .map_err(|e| bad(e.to_string()))?;
+    if !result.missing.is_empty() || !result.errors.is_empty() {
+        return Err(bad(format!(
+            "weights do not fit: missing {:?}, errors {:?}",
+            result.missing, result.errors
+        )));
+    }
+    Ok(TrainedModel {
+        classifier: Classifier::new(weights.backbone, weights.head, BnMode::Frozen)?,
+        classes,
+        normalization,
+        backbone_config,
+    })
+}
+
+fn fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let regular = epaint_default_fonts::UBUNTU_LIGHT;
+        // Registration only fails on unparsable font bytes, and these ship
+        // with the crate.
+        let _ = register_font("sans-serif", FontStyle::Normal, regular);
+        let _ = register_font("sans-serif", FontStyle::Bold, regular);
+    });
+}
+
+/// Loss and accuracy per epoch, training against validation, side by side.
+pub fn plot_curves(epochs: &[EpochMetrics], path: &Path) -> Result<(), TrainError> {
+    fonts();
+    let e = |x: Box<dyn std::error::Error>| write_err(path, x);
+    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(Box::new(x)))?;
+    let panels = root.split_evenly((1, 2));
+    let n = epochs.len().max(1) as f64;
+    let series: [(&str, Box<dyn Fn(&EpochMetrics) -> (f64, f64)>); 2] = [
+        (
+            "Loss",
+            Box::new(|m: &EpochMetrics| (m.train_loss, m.valid_loss)),
+        ),
+        (
+            "Accuracy",
+            Box::new(|m: &EpochMetrics| (m.train_acc, m.valid_acc)),
+        ),
+    ];
+    for (panel, (name, get)) in panels.iter().zip(series.iter()) {
+        let values: Vec<(f64, f64)> = epochs.iter().map(get).collect();
+        let (lo, hi) = values
+            .iter()
+            .flat_map(|&(a, b)| [a, b])
+            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = if lo > hi { (0.0, 1.0) } else { (lo, hi) };
+        let pad = ((hi - lo) * 0.1).max(0.01);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{name} per epoch"), ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.8f64..n + 0.2, (lo - pad)..(hi + pad))
+            .map_err(|x| e(Box::new(x)))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc(*name)
+            .x_labels(epochs.len().clamp(2, 10))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(|x| e(Box::new(x)))?;
+        for (label, color, pick) in [("training", BLUE, 0usize), ("validation", RED, 1usize)] {
+            let pts: Vec<(f64, f64)> = epochs
+                .iter()
+                .zip(&values)
+                .map(|(m, v)| (m.epoch as f64, if pick == 0 { v.0 } else { v.1 }))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|x| e(Box::new(x)))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|x| e(Box::new(x)))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(Box::new(x)))?;
+    }
+    root.present().map_err(|x| e(Box::new(x)))?;
+    Ok(())
+}
+
+/// The lesson's figure: images side by side, each titled with its class
+/// probabilities ("99% Alien, 1% Predator").
+pub fn plot_predictions(items: &[(RgbImage, String)], path: &Path) -> Result<(), TrainError> {
+    fonts();
+    let tile = 224u32;
+    let (pad, title_h) = (16u32, 40u32);
+    let w = pad + items.len().max(1) as u32 * (tile + pad);
+    let h = title_h + tile + pad * 2;
+    let mut canvas = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (i, (img, _)) in items.iter().enumerate() {
+        let resized =
+            image::imageops::resize(img, tile, tile, image::imageops::FilterType::Triangle);
+        image::imageops::replace(
+            &mut canvas,
+            &resized,
+            (pad + i as u32 * (tile + pad)) as i64,
+            (pad + title_h) as i64,
+        );
+    }
+    {
+        let buf: &mut [u8] = &mut canvas;
+        let root = BitMapBackend::with_buffer(buf, (w, h)).into_drawing_area();
+        for (i, (_, title)) in items.iter().enumerate() {
+            let x = (pad + i as u32 * (tile + pad) + tile / 2) as i32;
+            let style = TextStyle::from(("sans-serif", 18).into_font())
+                .color(&BLACK)
+                .pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Center,
+                ));
+            root.draw_text(title, &style, (x, (pad + title_h / 2) as i32))
+                .map_err(|x| write_err(path, x))?;
+        }
+        root.present().map_err(|x| write_err(path, x))?;
+    }
+    canvas.save(path).map_err(|x| write_err(path, x))
+}

@@ -1,0 +1,88 @@
+//! Progress without a terminal: one short line per quarter of each phase,
+//! instead of burn-train's debug dump. In a terminal, burn-train's
+//! dashboard is used instead.
+
+use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
+use burn::train::metric::MetricDefinition;
+use burn::train::renderer::{
+    EvaluationName, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining,
+};
+
+/// Plain-text progress for logs and CI.
+#[derive(Debug, Default)]
+pub struct PlainRenderer {
+    epoch: usize,
+    epochs: usize,
+    split: String,
+    total: usize,
+    next_quarter: usize,
+}
+
+impl MetricsRendererTraining for PlainRenderer {
+    fn update_train(&mut self, _state: MetricState) {}
+    fn update_valid(&mut self, _state: MetricState) {}
+}
+
+impl MetricsRendererEvaluation for PlainRenderer {
+    fn update_test(&mut self, _name: EvaluationName, _state: MetricState) {}
+}
+
+impl TrainingProgressLogger for PlainRenderer {
+    fn start(
+        &mut self,
+        total_epochs: usize,
+        starting_epoch: usize,
+        _items: Option<usize>,
+        _label: Option<&str>,
+    ) {
+        self.epochs = total_epochs;
+        self.epoch = starting_epoch.max(1);
+    }
+
+    fn update_epoch(&mut self, epoch: usize) {
+        self.epoch = epoch + 1;
+    }
+
+    fn start_split(&mut self, split: &str, total_items: usize) {
+        self.split = if split.starts_with("train") {
+            "train".into()
+        } else {
+            "validation".into()
+        };
+        self.total = total_items;
+        self.next_quarter = 1;
+    }
+
+    fn update_split(&mut self, items_processed: usize) {
+        while self.next_quarter <= 3 && items_processed * 4 >= self.total * self.next_quarter {
+            println!(
+                "  epoch {}/{} {} {:>3}% ({items_processed}/{})",
+                self.epoch,
+                self.epochs,
+                self.split,
+                self.next_quarter * 25,
+                self.total
+            );
+            self.next_quarter += 1;
+        }
+    }
+
+    fn end_split(&mut self) {}
+    fn end(&mut self) {}
+    fn log_event_training(&mut self, _event: String) {}
+}
+
+impl EvaluationProgressLogger for PlainRenderer {
+    fn start_global_progress(&mut self, _total_tests: usize) {}
+    fn start_test(&mut self, _name: &str, _total_items: usize) {}
+    fn update_test_progress(&mut self, _items_processed: usize) {}
+    fn end_test(&mut self) {}
+    fn end_global_progress(&mut self) {}
+    fn log_event_evaluation(&mut self, _event: String) {}
+}
+
+impl MetricsRenderer for PlainRenderer {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _definition: MetricDefinition) {}
+}

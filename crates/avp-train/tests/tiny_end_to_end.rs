@@ -1,0 +1,250 @@
+//! A whole training run on generated images with a tiny random ResNet:
+//! runs on a fresh machine without ../shared, in seconds.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+
+use avp_model::{
+    BlockKind, LoadedModel, Normalization, Provenance, ResNetConfig, WeightFormat, parse_device,
+};
+use avp_train::{BnMode, TrainConfig, TrainError, train};
+use burn::config::Config;
+use burn::module::Module;
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
+    let p = std::env::temp_dir().join(format!("avp-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Scratch(p)
+}
+
+/// Reddish versus bluish noisy squares.
+fn make_dataset(root: &Path, per_class: (usize, usize)) {
+    let mut state = 12345u32;
+    let mut rnd = move || {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (state >> 24) as u8
+    };
+    for (split, n) in [("train", per_class.0), ("val", per_class.1)] {
+        for (class, base) in [("red", [200u8, 40, 40]), ("blue", [40u8, 40, 200])] {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(48, 40, |_, _| {
+                    let mut p = base;
+                    for c in &mut p {
+                        *c = c.saturating_add(rnd() / 4).saturating_sub(rnd() / 4);
+                    }
+                    image::Rgb(p)
+                });
+                img.save(dir.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+fn tiny_backbone(device: &burn::tensor::Device) -> LoadedModel {
+    let config = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1])
+        .with_widths([4, 8, 8, 16])
+        .with_stem_width(4)
+        .with_num_classes(None);
+    let model = config.init(device);
+    LoadedModel {
+        provenance: Provenance {
+            path: "generated".into(),
+            format: WeightFormat::Burnpack,
+            sha256: String::new(),
+            architecture: config.describe(),
+            producer: None,
+            opset: None,
+            folded_batchnorm: false,
+            stored_values: 0,
+            known: None,
+            converted_from: None,
+        },
+        model,
+        config,
+        normalization: Normalization::imagenet(),
+    }
+}
+
+fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
+    let mut v = m
+        .conv1
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    v.extend(
+        m.bn1
+            .running_mean
+            .value()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap(),
+    );
+    v.extend(
+        m.layer4[0]
+            .bn2
+            .running_var
+            .value()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap(),
+    );
+    v
+}
+
+#[test]
+fn two_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouched() {
+    let s = scratch("e2e");
+    let data = s.0.join("data");
+    make_dataset(&data, (12, 6));
+    let device = parse_device("flex").unwrap();
+    let backbone = tiny_backbone(&device);
+    let before = snapshot(&backbone.model);
+    let config = TrainConfig::new()
+        .with_epochs(2)
+        .with_batch_size(8)
+        .with_lr(1e-2);
+    let out = s.0.join("out");
+    let outcome = train(backbone, &data, &out, &config, &device).unwrap();
+    assert_eq!(outcome.classes, ["blue", "red"]);
+    assert_eq!(outcome.epochs.len(), 2);
+    let last = outcome.epochs.last().unwrap();
+    assert!(
+        last.valid_acc >= 0.75,
+        "validation accuracy {}",
+        last.valid_acc
+    );
+    // Frozen means frozen: not a bit of the backbone moved.
+    assert_eq!(before, snapshot(&outcome.model.backbone.0));
+    // Artifacts.
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 2, "{csv}");
+    assert!(csv.starts_with("epoch,phase,loss,accuracy,seconds"));
+    let reloaded = TrainConfig::load(out.join("config.json")).unwrap();
+    assert_eq!(reloaded.epochs, 2);
+    let _ = outcome.model.head.num_params();
+}
+
+#[test]
+fn lesson_mode_updates_running_statistics() {
+    let s = scratch("lesson");
+    let data = s.0.join("data");
+    make_dataset(&data, (8, 4));
+    let device = parse_device("flex").unwrap();
+    let backbone = tiny_backbone(&device);
+    let before = snapshot(&backbone.model);
+    let config = TrainConfig::new()
+        .with_epochs(1)
+        .with_batch_size(8)
+        .with_bn_mode(BnMode::Lesson);
+    let outcome = train(backbone, &data, &s.0.join("out"), &config, &device).unwrap();
+    assert_ne!(
+        before,
+        snapshot(&outcome.model.backbone.0),
+        "batch statistics must move the running statistics"
+    );
+}
+
+#[test]
+fn bad_datasets_are_explained() {
+    let device = parse_device("flex").unwrap();
+    // One class.
+    let s = scratch("oneclass");
+    make_dataset(&s.0, (2, 2));
+    std::fs::remove_dir_all(s.0.join("train/red")).unwrap();
+    std::fs::remove_dir_all(s.0.join("val/red")).unwrap();
+    let e = train(
+        tiny_backbone(&device),
+        &s.0,
+        &s.0.join("out"),
+        &TrainConfig::new(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("at least two class folders"), "{e}");
+    // Classes that differ between the splits.
+    let s = scratch("mismatch");
+    make_dataset(&s.0, (2, 2));
+    std::fs::rename(s.0.join("val/red"), s.0.join("val/green")).unwrap();
+    let e = train(
+        tiny_backbone(&device),
+        &s.0,
+        &s.0.join("out"),
+        &TrainConfig::new(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(matches!(e, TrainError::ClassMismatch { .. }), "{e}");
+    // A missing split.
+    let s = scratch("nosplit");
+    make_dataset(&s.0, (2, 2));
+    std::fs::remove_dir_all(s.0.join("val")).unwrap();
+    let e = train(
+        tiny_backbone(&device),
+        &s.0,
+        &s.0.join("out"),
+        &TrainConfig::new(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no validation split"), "{e}");
+}
+
+#[test]
+fn a_head_that_does_not_fit_the_backbone_is_refused() {
+    let device = parse_device("flex").unwrap();
+    let backbone = tiny_backbone(&device).model;
+    let head = avp_train::HeadConfig::new().init(512, 2, &device).unwrap();
+    let e = avp_train::Classifier::new(backbone, head, BnMode::Frozen).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("gives 16 features but the head expects 512"),
+        "{e}"
+    );
+}
+
+#[test]
+fn model_bpk_reloads_and_predicts_the_same() {
+    let s = scratch("reload");
+    let data = s.0.join("data");
+    make_dataset(&data, (6, 3));
+    let device = parse_device("flex").unwrap();
+    let config = TrainConfig::new()
+        .with_epochs(1)
+        .with_batch_size(4)
+        .with_lr(1e-2)
+        .with_augment(false);
+    let out = s.0.join("out");
+    let outcome = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
+    assert!(out.join("curves.png").is_file());
+    let loaded = avp_train::load_model(&out.join("model.bpk"), &device).unwrap();
+    assert_eq!(loaded.classes, outcome.classes);
+    let x = burn::tensor::Tensor::<4>::ones([2, 3, 64, 64], &device);
+    let a = outcome
+        .model
+        .probabilities(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let b = loaded
+        .classifier
+        .probabilities(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(a, b);
+    let e = avp_train::load_model(&out.join("nope.bpk"), &device).unwrap_err();
+    assert!(e.to_string().contains("no such file"), "{e}");
+}
