@@ -1,5 +1,6 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
-//! ResNet50 forward throughput per compiled backend, batch 1 and 8.
+//! ResNet50 forward throughput per compiled backend, batch 1 and 8 (and
+//! any batch sizes in `AVP_BENCH_BATCHES`).
 //! Criterion's `thrpt` column is images per second.
 //!
 //! ```text
@@ -33,7 +34,7 @@ fn forward(c: &mut Criterion) {
             .sample_size(10)
             .measurement_time(Duration::from_secs(20))
             .warm_up_time(Duration::from_secs(3));
-        for batch in [1usize, 8] {
+        for batch in batches() {
             let x = Tensor::<4>::random(
                 [batch, 3, 224, 224],
                 burn::tensor::Distribution::Normal(0.0, 1.0),
@@ -49,6 +50,19 @@ fn forward(c: &mut Criterion) {
         }
         group.finish();
     }
+}
+
+/// Batch sizes: 1 and 8, plus those in `AVP_BENCH_BATCHES` (e.g. `32`).
+fn batches() -> Vec<usize> {
+    let mut b = vec![1usize, 8];
+    if let Ok(extra) = std::env::var("AVP_BENCH_BATCHES") {
+        b.extend(
+            extra
+                .split(',')
+                .filter_map(|x| x.trim().parse::<usize>().ok()),
+        );
+    }
+    b
 }
 
 /// Waits for the device (wgpu is asynchronous) inside the timed region.

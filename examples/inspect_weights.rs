@@ -35,6 +35,10 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Convert to Burn's native format (architecture, normalization and
+    /// provenance included) and time its reload.
+    #[arg(long, value_name = "OUT.bpk")]
+    convert: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -44,7 +48,31 @@ fn main() -> Result<()> {
         prep: args.prep.clone(),
         ..Default::default()
     };
+    let started = std::time::Instant::now();
     let loaded = load_weights(&args.file, &device, &options)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    if let Some(out) = &args.convert {
+        avp::model::save_native(
+            &loaded.model,
+            &loaded.config,
+            &loaded.normalization,
+            &loaded.provenance,
+            out,
+        )?;
+        let started = std::time::Instant::now();
+        let again = load_weights(out, &device, &LoadOptions::default())?;
+        let reload = started.elapsed().as_secs_f64();
+        if again.config.layers != loaded.config.layers {
+            bail!("the converted file reloads as another architecture");
+        }
+        eprintln!(
+            "converted to {} ({:.0} MB): loaded the original in {load_seconds:.2} s, reloaded the native file in {reload:.2} s",
+            out.display(),
+            std::fs::metadata(out)
+                .map(|m| m.len() as f64 / 1e6)
+                .unwrap_or(0.0)
+        );
+    }
     let c = &loaded.config;
     let p = &loaded.provenance;
     let params = loaded.model.num_params();

@@ -175,15 +175,10 @@ pub fn plot_curves(epochs: &[EpochMetrics], path: &Path) -> Result<(), TrainErro
     root.fill(&WHITE).map_err(|x| e(Box::new(x)))?;
     let panels = root.split_evenly((1, 2));
     let n = epochs.len().max(1) as f64;
-    let series: [(&str, Box<dyn Fn(&EpochMetrics) -> (f64, f64)>); 2] = [
-        (
-            "Loss",
-            Box::new(|m: &EpochMetrics| (m.train_loss, m.valid_loss)),
-        ),
-        (
-            "Accuracy",
-            Box::new(|m: &EpochMetrics| (m.train_acc, m.valid_acc)),
-        ),
+    type Pick = fn(&EpochMetrics) -> (f64, f64);
+    let series: [(&str, Pick); 2] = [
+        ("Loss", |m| (m.train_loss, m.valid_loss)),
+        ("Accuracy", |m| (m.train_acc, m.valid_acc)),
     ];
     for (panel, (name, get)) in panels.iter().zip(series.iter()) {
         let values: Vec<(f64, f64)> = epochs.iter().map(get).collect();

@@ -192,15 +192,16 @@ impl TrainingProgressLogger for LessonLogger {
     }
 
     fn end(&mut self) {
-        println!(
-            "training done in {:.1} s",
-            self.started.elapsed().as_secs_f64()
-        );
+        if self.print {
+            println!(
+                "training done in {:.1} s",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
     }
 
-    fn log_event_training(&mut self, event: String) {
-        println!("{event}");
-    }
+    // burn-train reports every iteration here; the renderer shows progress.
+    fn log_event_training(&mut self, _event: String) {}
 }
 
 fn append_csv(path: &Path, m: &EpochMetrics, (ts, vs): (f64, f64)) -> std::io::Result<()> {
@@ -231,7 +232,7 @@ pub fn train(
     config: &TrainConfig,
     device: &Device,
 ) -> Result<TrainOutcome, TrainError> {
-    if config.epochs == 0 || config.batch_size == 0 || !(config.lr > 0.0) {
+    if config.epochs == 0 || config.batch_size == 0 || config.lr.is_nan() || config.lr <= 0.0 {
         return Err(TrainError::Config(format!(
             "epochs, batch size and learning rate must be positive (got {}, {}, {})",
             config.epochs, config.batch_size, config.lr
