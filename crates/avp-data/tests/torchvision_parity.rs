@@ -114,3 +114,28 @@ fn resize_matches_torchvision_on_shared_photos() {
     assert!(dir.is_dir(), "{} does not exist", dir.display());
     assert!(check_resize(&dir, Path::new("/")) >= 20);
 }
+
+#[test]
+fn other_modes_convert_to_rgb_like_pil() {
+    let dir = fixtures().join("modes");
+    let modes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("modes.json")).unwrap()).unwrap();
+    let modes = modes.as_object().unwrap();
+    assert!(modes.len() >= 5);
+    for (name, mode) in modes {
+        let ours = decode_rgb8(&dir.join(name)).unwrap();
+        let pil = png(&dir.join(format!("{name}.rgb.png")));
+        let (within, max) = closeness(&ours, &pil);
+        eprintln!("{name} ({mode}): {within:.4} of values within one level of PIL, max {max}");
+        if name.ends_with(".png") {
+            // Lossless formats: exactly PIL's pixels.
+            assert_eq!(max, 0, "{name} ({mode}) differs from PIL's convert('RGB')");
+        } else {
+            // JPEG: the decoders differ by a few levels (see above).
+            assert!(
+                within >= 0.9 && max <= 8,
+                "{name} ({mode}): within {within}, max {max}"
+            );
+        }
+    }
+}
