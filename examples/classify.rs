@@ -1,0 +1,154 @@
+//! Classify images with a trained `model.bpk` (the dataset's classes and
+//! their probabilities) or with an ImageNet network that has a classifier
+//! (the top-5 ImageNet classes).
+//!
+//! ```text
+//! cargo run --example classify -- --model runs/alien_vs_predator/model.bpk \
+//!     data/alien_vs_predator_thumbnails/data/validation/alien/11.jpg
+//! cargo run --example classify -- --model resnet50.onnx photo.jpg --json
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use avp::data::{Pipeline, Rng, decode_rgb8};
+use avp::model::{LoadOptions, load_weights, parse_device};
+use avp::train::{data_normalize, load_model};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, TensorData};
+use clap::Parser;
+
+/// The 1000 ImageNet-1k class names, in index order
+/// (`weights/make_imagenet_classes.py` writes them from torchvision).
+const IMAGENET: &str = include_str!("../weights/imagenet_classes.txt");
+
+/// Classify images with a trained model or an ImageNet network.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// A model.bpk written by training, or any weights file with a classifier
+    /// (.onnx, .pth, .safetensors, .bpk).
+    #[arg(long)]
+    model: PathBuf,
+    /// Images to classify.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Preprocessing ONNX that defines the input normalization (ImageNet
+    /// networks only; a trained model.bpk carries its own).
+    #[arg(long)]
+    prep: Option<PathBuf>,
+    /// Backend: flex, ndarray, wgpu, vulkan, cuda or cuda:N.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// How many classes to list per image (ImageNet networks).
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print logits and probabilities as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    // A trained classifier first; otherwise any ImageNet network.
+    let (normalization, classes, run): (_, Vec<String>, Box<dyn Fn(Tensor<4>) -> Tensor<2>>) =
+        match load_model(&args.model, &device) {
+            Ok(trained) => {
+                let c = trained.classifier;
+                (
+                    trained.normalization,
+                    trained.classes,
+                    Box::new(move |x| c.forward(x)),
+                )
+            }
+            Err(trained_err) => {
+                let options = LoadOptions {
+                    prep: args.prep.clone(),
+                    ..Default::default()
+                };
+                let loaded = load_weights(&args.model, &device, &options).with_context(|| {
+                    format!(
+                        "{} is neither a trained model.bpk ({trained_err}) nor a weights file",
+                        args.model.display()
+                    )
+                })?;
+                let Some(n) = loaded.config.num_classes else {
+                    bail!(
+                        "{} is a headless backbone ({} features): it has no classes to predict; train a head on it first \
+                         (cargo run --example alien_vs_predator -- --weights {})",
+                        args.model.display(),
+                        loaded.config.num_features(),
+                        args.model.display()
+                    );
+                };
+                let names: Vec<String> = if n == 1000 {
+                    IMAGENET.lines().map(str::to_string).collect()
+                } else {
+                    (0..n).map(|i| format!("class {i}")).collect()
+                };
+                let model = loaded.model;
+                (
+                    loaded.normalization,
+                    names,
+                    Box::new(move |x| model.forward(x)),
+                )
+            }
+        };
+    let eval = Pipeline::eval(data_normalize(&normalization));
+    let [c, h, w] = eval.output_shape();
+    let mut results = Vec::new();
+    for path in &args.images {
+        let img = decode_rgb8(path)?;
+        let x = Tensor::<4>::from_data(
+            TensorData::new(eval.apply(&img, &mut Rng::for_item(0, 0, 0)), [1, c, h, w]),
+            &device,
+        );
+        let logits = run(x);
+        let probs = softmax(logits.clone(), 1);
+        let to_vec = |t: Tensor<2>| {
+            t.into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        };
+        let (logits, probs) = (to_vec(logits)?, to_vec(probs)?);
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        order.truncate(args.top.max(1).min(probs.len()));
+        results.push((path.clone(), logits, probs, order));
+    }
+    if args.json {
+        let out: Vec<_> = results
+            .iter()
+            .map(|(path, logits, probs, order)| {
+                serde_json::json!({
+                    "image": path,
+                    "logits": logits,
+                    "probabilities": probs,
+                    "top": order.iter().map(|&i| serde_json::json!({"class": classes.get(i), "index": i, "probability": probs[i]})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": args.model, "classes": classes.len(), "results": out})
+            )?
+        );
+        return Ok(());
+    }
+    for (path, _, probs, order) in &results {
+        let shown: Vec<String> = order
+            .iter()
+            .map(|&i| {
+                format!(
+                    "{:.1}% {}",
+                    probs[i] * 100.0,
+                    classes.get(i).map(String::as_str).unwrap_or("?")
+                )
+            })
+            .collect();
+        println!("{}: {}", path.display(), shown.join(", "));
+    }
+    Ok(())
+}
