@@ -1,16 +1,23 @@
-//! A whole training run on generated images with a tiny random ResNet:
+//! Whole training runs on generated images with a tiny ResNet:
 //! runs on a fresh machine without ../shared, in seconds.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::path::{Path, PathBuf};
 
-use avp_model::{
-    BlockKind, LoadedModel, Normalization, Provenance, ResNetConfig, WeightFormat, parse_device,
-};
+use avp_model::{LoadOptions, LoadedModel, load_weights, parse_device};
 use avp_train::{BnMode, TrainConfig, TrainError, train};
 use burn::config::Config;
 use burn::module::Module;
+
+/// Burn's device RNG is process-wide: trainings running at the same time in
+/// other test threads would draw from it between seeding and the head's
+/// (lazy) initialisation.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 struct Scratch(PathBuf);
 impl Drop for Scratch {
@@ -51,29 +58,13 @@ fn make_dataset(root: &Path, per_class: (usize, usize)) {
     }
 }
 
+/// A small headless ResNet with fixed weights: one of the model crate's
+/// committed ONNX fixtures (random, but the same every run, so that the
+/// features are never degenerate by chance).
 fn tiny_backbone(device: &burn::tensor::Device) -> LoadedModel {
-    let config = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1])
-        .with_widths([4, 8, 8, 16])
-        .with_stem_width(4)
-        .with_num_classes(None);
-    let model = config.init(device);
-    LoadedModel {
-        provenance: Provenance {
-            path: "generated".into(),
-            format: WeightFormat::Burnpack,
-            sha256: String::new(),
-            architecture: config.describe(),
-            producer: None,
-            opset: None,
-            folded_batchnorm: false,
-            stored_values: 0,
-            known: None,
-            converted_from: None,
-        },
-        model,
-        config,
-        normalization: Normalization::imagenet(),
-    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx/bottleneck_folded_op17_headless.onnx");
+    load_weights(&path, device, &LoadOptions::default()).unwrap()
 }
 
 fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
@@ -105,7 +96,8 @@ fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
 }
 
 #[test]
-fn two_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouched() {
+fn three_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouched() {
+    let _serial = serial();
     let s = scratch("e2e");
     let data = s.0.join("data");
     make_dataset(&data, (12, 6));
@@ -113,13 +105,13 @@ fn two_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouched(
     let backbone = tiny_backbone(&device);
     let before = snapshot(&backbone.model);
     let config = TrainConfig::new()
-        .with_epochs(2)
-        .with_batch_size(8)
-        .with_lr(1e-2);
+        .with_epochs(3)
+        .with_batch_size(2)
+        .with_lr(3e-2);
     let out = s.0.join("out");
     let outcome = train(backbone, &data, &out, &config, &device).unwrap();
     assert_eq!(outcome.classes, ["blue", "red"]);
-    assert_eq!(outcome.epochs.len(), 2);
+    assert_eq!(outcome.epochs.len(), 3);
     let last = outcome.epochs.last().unwrap();
     assert!(
         last.valid_acc >= 0.75,
@@ -130,15 +122,16 @@ fn two_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouched(
     assert_eq!(before, snapshot(&outcome.model.backbone.0));
     // Artifacts.
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 2 * 2, "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 3 * 2, "{csv}");
     assert!(csv.starts_with("epoch,phase,loss,accuracy,seconds"));
     let reloaded = TrainConfig::load(out.join("config.json")).unwrap();
-    assert_eq!(reloaded.epochs, 2);
+    assert_eq!(reloaded.epochs, 3);
     let _ = outcome.model.head.num_params();
 }
 
 #[test]
 fn lesson_mode_updates_running_statistics() {
+    let _serial = serial();
     let s = scratch("lesson");
     let data = s.0.join("data");
     make_dataset(&data, (8, 4));
@@ -210,13 +203,14 @@ fn a_head_that_does_not_fit_the_backbone_is_refused() {
     let e = avp_train::Classifier::new(backbone, head, BnMode::Frozen).unwrap_err();
     assert!(
         e.to_string()
-            .contains("gives 16 features but the head expects 512"),
+            .contains("gives 64 features but the head expects 512"),
         "{e}"
     );
 }
 
 #[test]
 fn model_bpk_reloads_and_predicts_the_same() {
+    let _serial = serial();
     let s = scratch("reload");
     let data = s.0.join("data");
     make_dataset(&data, (6, 3));
