@@ -355,8 +355,8 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, mode: BatchNormUse) -> Tensor<4> {
             };
             let m = bn.momentum;
             let device = r.mean.device();
-            let mean = bn.running_mean.value().to_device(&device);
-            let var = bn.running_var.value().to_device(&device);
+            let mean = bn.running_mean.value_sync().to_device(&device);
+            let var = bn.running_var.value_sync().to_device(&device);
             bn.running_mean.update(
                 mean.mul_scalar(1.0 - m)
                     .add(r.mean.detach().mul_scalar(m))

@@ -483,3 +483,54 @@ fn ndarray_matches_onnxruntime() {
 fn wgpu_matches_onnxruntime() {
     parity_on("wgpu", 1e-3);
 }
+
+// ------------------------------------------------- lesson BatchNorm mode
+
+#[test]
+fn batch_statistics_mode_matches_pytorch_train_forward_and_running_stats() {
+    // tests/fixtures/bn/make_reference.py: PyTorch's model.train() forward.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bn");
+    let device = parse_device("flex").unwrap();
+    let loaded = load_weights(&dir.join("model.onnx"), &device, &LoadOptions::default()).unwrap();
+    let (shape, values) = npy::read_f32(&dir.join("input.npy")).unwrap();
+    let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
+    let ours = loaded
+        .model
+        .forward_features_with(x, avp_model::BatchNormUse::BatchStatistics)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let (_, reference) = npy::read_f32(&dir.join("train_features.npy")).unwrap();
+    let err = rel_err(&ours, &reference);
+    assert!(
+        err <= 1e-4,
+        "features with batch statistics: relative error {err}"
+    );
+    let stats = |bn: &burn::nn::BatchNorm| {
+        (
+            bn.running_mean
+                .value_sync()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            bn.running_var
+                .value_sync()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+        )
+    };
+    for (name, bn) in [
+        ("bn1", &loaded.model.bn1),
+        ("l4_bn2", &loaded.model.layer4[0].bn2),
+    ] {
+        let (mean, var) = stats(bn);
+        let (_, ref_mean) = npy::read_f32(&dir.join(format!("{name}_mean.npy"))).unwrap();
+        let (_, ref_var) = npy::read_f32(&dir.join(format!("{name}_var.npy"))).unwrap();
+        assert!(rel_err(&mean, &ref_mean) <= 1e-4, "{name} running mean");
+        assert!(
+            rel_err(&var, &ref_var) <= 1e-4,
+            "{name} running variance (unbiased)"
+        );
+    }
+}

@@ -78,7 +78,7 @@ fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
     v.extend(
         m.bn1
             .running_mean
-            .value()
+            .value_sync()
             .into_data()
             .try_to_vec::<f32>()
             .unwrap(),
@@ -87,7 +87,7 @@ fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
         m.layer4[0]
             .bn2
             .running_var
-            .value()
+            .value_sync()
             .into_data()
             .try_to_vec::<f32>()
             .unwrap(),
