@@ -152,23 +152,19 @@ fn main() -> Result<()> {
     let predictions = outcome.out_dir.join("predictions.png");
     avp::train::plot_predictions(&figure, &predictions)?;
     println!();
-    println!(
-        "model:       {}",
-        outcome.out_dir.join("model.bpk").display()
-    );
-    println!(
-        "config:      {}",
-        outcome.out_dir.join("config.json").display()
-    );
-    println!(
-        "metrics:     {}",
-        outcome.out_dir.join("metrics.csv").display()
-    );
-    println!(
-        "curves:      {}",
-        outcome.out_dir.join("curves.png").display()
-    );
-    println!("predictions: {}", predictions.display());
+    for (what, file) in [
+        ("model", "model.bpk"),
+        ("config", "config.json"),
+        ("metrics", "metrics.csv"),
+        ("curves", "curves.png"),
+        ("predictions", "predictions.png"),
+    ] {
+        println!(
+            "{:<12} {}",
+            format!("{what}:"),
+            outcome.out_dir.join(file).display()
+        );
+    }
     Ok(())
 }
 
