@@ -30,7 +30,7 @@ enum BnArg {
 /// Train a classifier head on a frozen ImageNet ResNet, as the PyTorch
 /// transfer-learning lesson does with Alien vs Predator photos.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Image folder with train/val (or entrenamiento/validacion) splits of
     /// one subfolder per class.

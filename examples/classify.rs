@@ -24,7 +24,7 @@ const IMAGENET: &str = include_str!("../weights/imagenet_classes.txt");
 
 /// Classify images with a trained model or an ImageNet network.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// A model.bpk written by training, or any weights file with a classifier
     /// (.onnx, .pth, .safetensors, .bpk).

@@ -17,7 +17,7 @@ use clap::Parser;
 
 /// Inspect a ResNet weights file (ONNX, .pth, .safetensors or .bpk).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// The weights file.
     file: PathBuf,

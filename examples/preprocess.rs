@@ -18,7 +18,7 @@ use image::RgbImage;
 
 /// Write what the network sees for some images.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Image files (any format, decoded by content).
     #[arg(required = true)]
