@@ -415,28 +415,19 @@ pub fn save_native(
     provenance: &Provenance,
     path: &Path,
 ) -> Result<(), ModelError> {
-    let json = |v: &dyn erased::Json| v.to_json().map_err(|e| store_err(path, e));
+    let json = |v: serde_json::Result<String>| v.map_err(|e| store_err(path, e));
     let mut store = BurnpackStore::from_file(path)
         .overwrite(true)
         .auto_extension(false)
-        .metadata(META_CONFIG, json(config)?)
-        .metadata(META_NORMALIZATION, json(normalization)?)
-        .metadata(META_PROVENANCE, json(provenance)?);
+        .metadata(META_CONFIG, json(serde_json::to_string(config))?)
+        .metadata(
+            META_NORMALIZATION,
+            json(serde_json::to_string(normalization))?,
+        )
+        .metadata(META_PROVENANCE, json(serde_json::to_string(provenance))?);
     model
         .save_into(&mut store)
         .map_err(|e| store_err(path, format!("cannot write: {e}")))
-}
-
-mod erased {
-    /// Object-safe JSON serialisation for the metadata helpers.
-    pub trait Json {
-        fn to_json(&self) -> Result<String, serde_json::Error>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<String, serde_json::Error> {
-            serde_json::to_string(self)
-        }
-    }
 }
 
 fn load_native(path: &Path, device: &Device) -> Result<Loaded, ModelError> {

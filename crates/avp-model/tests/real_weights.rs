@@ -39,6 +39,27 @@ fn required_dir(var: &str) -> PathBuf {
     dir
 }
 
+/// Runs `model` on `dir/INPUT.npy` and returns the largest relative error
+/// against `dir/OUTPUT.npy`, checking the input's batch size first.
+fn error_against(
+    model: &avp_model::ResNet,
+    dir: &Path,
+    input: &str,
+    output: &str,
+    min_batch: usize,
+) -> f32 {
+    let device = parse_device("flex").unwrap();
+    let (shape, values) = npy::read_f32(&dir.join(input)).unwrap();
+    assert!(
+        shape[0] >= min_batch,
+        "{input}: batch of at least {min_batch}"
+    );
+    let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
+    let ours = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+    let (_, reference) = npy::read_f32(&dir.join(output)).unwrap();
+    rel_err(&ours, &reference)
+}
+
 #[test]
 fn real_resnet18_imports_with_its_own_architecture_and_normalization() {
     let device = parse_device("flex").unwrap();
@@ -93,17 +114,14 @@ fn real_resnet18_matches_onnxruntime_on_eight_photos_at_once() {
     let device = parse_device("flex").unwrap();
     let (net, _) = mlnet();
     let loaded = load_weights(&net, &device, &LoadOptions::default()).unwrap();
-    let (shape, values) = npy::read_f32(&dir.join("mlnet_photos.input.npy")).unwrap();
-    assert!(shape[0] >= 8, "at least 8 photos in one batch");
-    let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let ours = loaded
-        .model
-        .forward(x)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let (_, reference) = npy::read_f32(&dir.join("mlnet_photos.output.npy")).unwrap();
-    let err = rel_err(&ours, &reference);
+    // At least 8 photos in one batch; the reference ran them one at a time.
+    let err = error_against(
+        &loaded.model,
+        &dir,
+        "mlnet_photos.input.npy",
+        "mlnet_photos.output.npy",
+        8,
+    );
     assert!(err <= 1e-4, "relative error {err}");
 }
 
@@ -122,28 +140,23 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
         assert_eq!(loaded.config.block, BlockKind::Bottleneck);
         assert_eq!(loaded.config.layers, [3, 4, 6, 3]);
         assert_eq!(loaded.config.num_classes, Some(1000));
-        let (shape, values) = npy::read_f32(&dir.join(format!("{name}.input.npy"))).unwrap();
-        let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-        let ours = loaded
-            .model
-            .forward(x)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let (_, reference) = npy::read_f32(&dir.join(format!("{name}.output.npy"))).unwrap();
-        let err = rel_err(&ours, &reference);
+        let err = error_against(
+            &loaded.model,
+            &dir,
+            &format!("{name}.input.npy"),
+            &format!("{name}.output.npy"),
+            1,
+        );
         assert!(err <= 1e-4, "{name}: relative error {err}");
     }
     // The same network from its torchvision state dict.
     let loaded = load_weights(&dir.join("resnet50.pth"), &device, &LoadOptions::default()).unwrap();
-    let (shape, values) = npy::read_f32(&dir.join("resnet50_unfolded.input.npy")).unwrap();
-    let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let ours = loaded
-        .model
-        .forward(x)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let (_, reference) = npy::read_f32(&dir.join("resnet50_unfolded.output.npy")).unwrap();
-    assert!(rel_err(&ours, &reference) <= 1e-4);
+    let err = error_against(
+        &loaded.model,
+        &dir,
+        "resnet50_unfolded.input.npy",
+        "resnet50_unfolded.output.npy",
+        1,
+    );
+    assert!(err <= 1e-4, "resnet50.pth: relative error {err}");
 }
