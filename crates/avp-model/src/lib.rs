@@ -22,6 +22,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod cache_dir;
 mod device;
 mod error;
 mod fill;
@@ -31,6 +32,7 @@ pub mod onnx;
 pub mod resnet;
 pub mod weights;
 
+pub use cache_dir::cache_root;
 pub use device::{DEVICE_NAMES, compiled_backends, parse_device};
 pub use error::ModelError;
 pub use fill::fill;

@@ -156,6 +156,82 @@ pub fn load_model(path: &Path, device: &Device) -> Result<TrainedModel, TrainErr
     })
 }
 
+/// The class probabilities of one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// The image.
+    pub path: std::path::PathBuf,
+    /// Softmax probabilities, in class order.
+    pub probabilities: Vec<f32>,
+    /// The most probable class.
+    pub class: usize,
+}
+
+impl TrainedModel {
+    /// Class probabilities for image files: each is decoded by content,
+    /// resized to 224x224 and normalized as the backbone expects, then run
+    /// in batches of `batch_size`. A file that cannot be read or decoded
+    /// is an error naming it.
+    pub fn predict_paths<P: AsRef<Path>>(
+        &self,
+        paths: &[P],
+        batch_size: usize,
+    ) -> Result<Vec<Prediction>, TrainError> {
+        predict_paths(&self.classifier, &self.normalization, paths, batch_size)
+    }
+}
+
+/// Class probabilities of `classifier` for image files, with the
+/// backbone's `normalization` (see [`TrainedModel::predict_paths`]).
+pub fn predict_paths<P: AsRef<Path>>(
+    classifier: &Classifier,
+    normalization: &Normalization,
+    paths: &[P],
+    batch_size: usize,
+) -> Result<Vec<Prediction>, TrainError> {
+    let eval = avp_data::Pipeline::eval(crate::bridge::data_normalize(normalization));
+    let device = classifier
+        .head
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_default()
+        .without_autodiff();
+    let mut out = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(batch_size.max(1)) {
+        let mut pixels = Vec::new();
+        for p in chunk {
+            let img = avp_data::decode_rgb8(p.as_ref())?;
+            pixels.extend(eval.apply(&img, &mut avp_data::Rng::for_item(0, 0, 0)));
+        }
+        let [c, h, w] = eval.output_shape();
+        let images = burn::tensor::Tensor::<4>::from_data(
+            burn::tensor::TensorData::new(pixels, [chunk.len(), c, h, w]),
+            &device,
+        );
+        let probs = classifier
+            .probabilities(images)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| TrainError::Config(format!("classifier output: {e:?}")))?;
+        let k = probs.len() / chunk.len().max(1);
+        for (p, row) in chunk.iter().zip(probs.chunks_exact(k.max(1))) {
+            let class = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            out.push(Prediction {
+                path: p.as_ref().to_path_buf(),
+                probabilities: row.to_vec(),
+                class,
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

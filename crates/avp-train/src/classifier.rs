@@ -19,6 +19,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
 use burn::train::{ClassificationOutput, InferenceStep, TrainOutput, TrainStep};
 
+use crate::cache::FeatureBatch;
 use crate::error::TrainError;
 
 /// The trainable head: `Linear(F, h1) → ReLU → … → Linear(hN, classes)`,
@@ -220,29 +221,35 @@ impl Classifier {
         train: bool,
     ) -> ClassificationOutput {
         let logits = self.head.forward(self.features_in_phase(images, train));
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits.clone(), targets.clone());
-        self.record(&logits, &targets, &loss, train);
-        ClassificationOutput::new(loss, logits, targets)
+        classify_logits(&self.totals, logits, targets, train)
     }
+}
 
-    fn record(&self, logits: &Tensor<2>, targets: &Tensor<1, Int>, loss: &Tensor<1>, train: bool) {
-        let n = targets.dims()[0];
-        let pred = logits.clone().without_autodiff().argmax(1).reshape([n]);
-        let correct = pred
-            .equal(targets.clone().without_autodiff())
-            .int()
-            .sum()
-            .into_scalar::<i64>() as usize;
-        let l = loss.clone().without_autodiff().into_scalar::<f32>() as f64;
-        if let Ok(mut t) = self.totals.lock() {
-            let p = if train { &mut t.train } else { &mut t.valid };
-            p.loss_sum += l * n as f64;
-            p.correct += correct;
-            p.seen += n;
-        }
+/// Cross-entropy and the epoch's running totals for one batch of logits.
+fn classify_logits(
+    totals: &Mutex<EpochTotals>,
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    train: bool,
+) -> ClassificationOutput {
+    let loss = CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits.clone(), targets.clone());
+    let n = targets.dims()[0];
+    let pred = logits.clone().without_autodiff().argmax(1).reshape([n]);
+    let correct = pred
+        .equal(targets.clone().without_autodiff())
+        .int()
+        .sum()
+        .into_scalar::<i64>() as usize;
+    let l = loss.clone().without_autodiff().into_scalar::<f32>() as f64;
+    if let Ok(mut t) = totals.lock() {
+        let p = if train { &mut t.train } else { &mut t.valid };
+        p.loss_sum += l * n as f64;
+        p.correct += correct;
+        p.seen += n;
     }
+    ClassificationOutput::new(loss, logits, targets)
 }
 
 impl TrainStep for Classifier {
@@ -261,5 +268,56 @@ impl InferenceStep for Classifier {
 
     fn step(&self, batch: ImageBatch) -> ClassificationOutput {
         self.classify(batch.images, batch.targets, false)
+    }
+}
+
+/// The head alone, trained on cached backbone features (see
+/// [`crate::cache`]); join it to its backbone with [`Classifier::new`]
+/// afterwards.
+#[derive(Module, Debug)]
+pub struct CachedHead {
+    /// The trainable head.
+    pub head: Head,
+    /// Running totals of the current epoch.
+    #[module(skip)]
+    pub totals: Arc<Mutex<EpochTotals>>,
+}
+
+impl CachedHead {
+    /// Wraps a head.
+    pub fn new(head: Head) -> Self {
+        Self {
+            head,
+            totals: Arc::new(Mutex::new(EpochTotals::default())),
+        }
+    }
+}
+
+impl TrainStep for CachedHead {
+    type Input = FeatureBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: FeatureBatch) -> TrainOutput<ClassificationOutput> {
+        let out = classify_logits(
+            &self.totals,
+            self.head.forward(batch.features),
+            batch.targets,
+            true,
+        );
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl InferenceStep for CachedHead {
+    type Input = FeatureBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: FeatureBatch) -> ClassificationOutput {
+        classify_logits(
+            &self.totals,
+            self.head.forward(batch.features),
+            batch.targets,
+            false,
+        )
     }
 }

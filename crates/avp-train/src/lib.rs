@@ -7,13 +7,21 @@
 
 pub mod artifacts;
 pub mod bridge;
+pub mod cache;
 pub mod classifier;
 mod error;
 pub mod render;
 pub mod train;
 
-pub use artifacts::{TrainedModel, load_model, plot_curves, plot_predictions, save_model};
+pub use artifacts::{
+    Prediction, TrainedModel, load_model, plot_curves, plot_predictions, predict_paths, save_model,
+};
 pub use bridge::data_normalize;
-pub use classifier::{BnMode, Classifier, Head, HeadConfig};
+pub use burn::train::ExecutionStrategy;
+pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
+pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
-pub use train::{EpochMetrics, TrainConfig, TrainOutcome, lesson_lines, open_splits, train};
+pub use train::{
+    EpochMetrics, TrainConfig, TrainOutcome, lesson_lines, open_splits, read_metrics_csv,
+    resume_point, train, train_with,
+};

@@ -12,15 +12,20 @@ use std::time::Instant;
 use avp_data::{ImageDataset, ImageFolder, OpenOptions, OrderedLoader, Pipeline, Split};
 use avp_model::LoadedModel;
 use burn::config::Config;
+use burn::data::dataloader::DataLoader;
 use burn::optim::AdamConfig;
 use burn::tensor::Device;
 use burn::train::logger::TrainingProgressLogger;
 use burn::train::metric::{AccuracyMetric, LossMetric};
-use burn::train::{Learner, SupervisedTraining};
+use burn::train::{
+    ExecutionStrategy, InferenceStep, Learner, LearnerModel, MetricRegistration,
+    SupervisedTraining, TrainStep, TrainingStrategy,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::bridge::data_normalize;
-use crate::classifier::{BnMode, Classifier, EpochTotals, HeadConfig};
+use crate::cache::{BackboneId, CacheOrigin, FeatureJob, FeatureLoader};
+use crate::classifier::{BnMode, CachedHead, Classifier, EpochTotals, HeadConfig};
 use crate::error::TrainError;
 use crate::render::PlainRenderer;
 
@@ -49,6 +54,19 @@ pub struct TrainConfig {
     /// The head.
     #[config(default = "HeadConfig::new()")]
     pub head: HeadConfig,
+    /// Train the head on cached backbone features (see [`crate::cache`]):
+    /// without augmentation one view per image, with augmentation
+    /// `cache_views` augmented views per image, one drawn per epoch.
+    /// Needs `bn_mode` frozen.
+    #[config(default = false)]
+    pub feature_cache: bool,
+    /// Augmented views per training image in the feature cache.
+    #[config(default = 1)]
+    pub cache_views: usize,
+    /// Folder of the feature cache; `None`: `features/` under
+    /// [`avp_model::cache_root`].
+    #[config(default = "None")]
+    pub cache_dir: Option<String>,
 }
 
 /// Loss and accuracy of one epoch.
@@ -83,6 +101,10 @@ pub struct TrainOutcome {
     pub backbone_config: avp_model::ResNetConfig,
     /// The backbone's input normalization.
     pub normalization: avp_model::Normalization,
+    /// The epoch a resumed run restarted from (`None`: a fresh run).
+    pub resumed_after: Option<usize>,
+    /// Where the cached features came from (`None` without the cache).
+    pub cache: Option<CacheOrigin>,
 }
 
 /// Opens both splits, checking that they make a classification problem.
@@ -223,88 +245,154 @@ fn append_csv(path: &Path, m: &EpochMetrics, (ts, vs): (f64, f64)) -> std::io::R
     Ok(())
 }
 
-/// Trains a head on `backbone` (frozen) over the image folder `root`,
-/// writing checkpoints, `metrics.csv` and `config.json` into `out_dir`.
-pub fn train(
-    backbone: LoadedModel,
-    root: &Path,
-    out_dir: &Path,
-    config: &TrainConfig,
-    device: &Device,
-) -> Result<TrainOutcome, TrainError> {
-    if config.epochs == 0 || config.batch_size == 0 || config.lr.is_nan() || config.lr <= 0.0 {
-        return Err(TrainError::Config(format!(
-            "epochs, batch size and learning rate must be positive (got {}, {}, {})",
-            config.epochs, config.batch_size, config.lr
-        )));
-    }
-    let (train_folder, valid_folder) = open_splits(root)?;
-    println!("{train_folder}");
-    println!("{valid_folder}");
-    backbone.model.check_input_size(224, 224)?;
-    let classes = train_folder.classes.clone();
-    std::fs::create_dir_all(out_dir).map_err(|e| TrainError::Write {
-        path: out_dir.to_path_buf(),
+fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Write {
+        path: path.to_path_buf(),
         why: e.to_string(),
-    })?;
-    let normalize = data_normalize(&backbone.normalization);
-    let backbone_config = backbone.config.clone().with_num_classes(None);
-    let normalization = backbone.normalization.clone();
-    let train_pipeline = if config.augment {
-        Pipeline::lesson(normalize)
-    } else {
-        Pipeline::eval(normalize)
+    }
+}
+
+/// Reads the epochs of `metrics.csv` (both phases of each).
+pub fn read_metrics_csv(path: &Path) -> Vec<EpochMetrics> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
     };
-    let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
-    let valid_ds = ImageDataset::new(valid_folder, Pipeline::eval(normalize), config.seed);
-    let inner = device.clone().without_autodiff();
-    let ad = inner.clone().autodiff();
-    inner.seed(config.seed);
-    ad.seed(config.seed);
-    let features = backbone.model.num_features();
-    let head = config.head.init(features, classes.len(), &ad)?;
-    let backbone_model = backbone.model.with_fc(None);
-    let classifier = Classifier::new(backbone_model, head, config.bn_mode)?;
-    let totals = Arc::clone(&classifier.totals);
-    let train_loader = Arc::new(OrderedLoader::new(
-        train_ds,
-        config.batch_size,
-        Some(config.seed),
-        &ad,
-    ));
-    let valid_loader = Arc::new(OrderedLoader::new(
-        valid_ds,
-        config.batch_size,
-        None,
-        &inner,
-    ));
-    let csv = out_dir.join("metrics.csv");
-    let _ = std::fs::remove_file(&csv);
-    config
-        .save(out_dir.join("config.json"))
-        .map_err(|e| TrainError::Write {
-            path: out_dir.join("config.json"),
-            why: e.to_string(),
-        })?;
-    let epochs = Arc::new(Mutex::new(Vec::new()));
+    let mut out: Vec<EpochMetrics> = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let [epoch, phase, loss, acc, secs] = f[..] else {
+            continue;
+        };
+        let (Ok(epoch), Ok(loss), Ok(acc), Ok(secs)) = (
+            epoch.parse::<usize>(),
+            loss.parse::<f64>(),
+            acc.parse::<f64>(),
+            secs.parse::<f64>(),
+        ) else {
+            continue;
+        };
+        if out.last().map(|m| m.epoch) != Some(epoch) {
+            out.push(EpochMetrics {
+                epoch,
+                train_loss: f64::NAN,
+                train_acc: f64::NAN,
+                valid_loss: f64::NAN,
+                valid_acc: f64::NAN,
+                seconds: 0.0,
+            });
+        }
+        if let Some(m) = out.last_mut() {
+            if phase == "train" {
+                (m.train_loss, m.train_acc) = (loss, acc);
+            } else {
+                (m.valid_loss, m.valid_acc) = (loss, acc);
+            }
+            m.seconds += secs;
+        }
+    }
+    out.retain(|m| !m.train_loss.is_nan() && !m.valid_loss.is_nan());
+    out
+}
+
+fn checkpoint_complete(out_dir: &Path, epoch: usize) -> bool {
+    ["model", "optim", "scheduler"].iter().all(|k| {
+        out_dir
+            .join("checkpoint")
+            .join(format!("{k}-{epoch}.bpk"))
+            .is_file()
+    })
+}
+
+/// The epoch an interrupted run in `out_dir` can resume after: the run
+/// did not finish (no `model.bpk`), was started with the same
+/// configuration, and left a complete checkpoint and its metrics for that
+/// epoch.
+pub fn resume_point(out_dir: &Path, config: &TrainConfig) -> Option<usize> {
+    if out_dir.join("model.bpk").exists() {
+        return None;
+    }
+    let saved = std::fs::read_to_string(out_dir.join("config.json")).ok()?;
+    let saved: serde_json::Value = serde_json::from_str(&saved).ok()?;
+    let ours = serde_json::to_value(config).ok()?;
+    if saved != ours {
+        println!(
+            "{} holds an unfinished run with another configuration; starting afresh",
+            out_dir.display()
+        );
+        return None;
+    }
+    let done = read_metrics_csv(&out_dir.join("metrics.csv"));
+    done.iter()
+        .map(|m| m.epoch)
+        .filter(|&e| e < config.epochs && checkpoint_complete(out_dir, e))
+        .max()
+}
+
+/// Keeps the rows of `metrics.csv` up to `epoch`.
+fn truncate_metrics(path: &Path, epoch: usize) -> Result<Vec<EpochMetrics>, TrainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| {
+            *i == 0
+                || l.split(',')
+                    .next()
+                    .and_then(|e| e.parse::<usize>().ok())
+                    .is_some_and(|e| e <= epoch)
+        })
+        .map(|(_, l)| l)
+        .collect();
+    std::fs::write(path, kept.join("\n") + "\n").map_err(|e| write_err(path, e))?;
+    Ok(read_metrics_csv(path))
+}
+
+/// Everything [`launch`] needs besides the model and its loaders.
+struct Run<'a> {
+    out_dir: &'a Path,
+    config: &'a TrainConfig,
+    strategy: ExecutionStrategy,
+    resume: Option<usize>,
+    totals: Arc<Mutex<EpochTotals>>,
+    done: Vec<EpochMetrics>,
+}
+
+/// Trains `model` through burn-train's `SupervisedTraining` and `Learner`
+/// (Adam, accuracy and loss metrics, checkpoints every epoch), resuming
+/// from `run.resume` when set.
+fn launch<M>(
+    model: M,
+    train_loader: Arc<dyn DataLoader<<M as TrainStep>::Input>>,
+    valid_loader: Arc<dyn DataLoader<<M as InferenceStep>::Input>>,
+    run: Run<'_>,
+) -> (M, Vec<EpochMetrics>)
+where
+    M: LearnerModel,
+    (AccuracyMetric, LossMetric): MetricRegistration<M>,
+{
+    let epochs = Arc::new(Mutex::new(run.done));
     let dashboard = std::io::stdout().is_terminal();
     let logger = LessonLogger {
         print: !dashboard,
-        totals,
+        totals: run.totals,
         epochs: Arc::clone(&epochs),
-        total_epochs: config.epochs,
-        csv,
+        total_epochs: run.config.epochs,
+        csv: run.out_dir.join("metrics.csv"),
         started: Instant::now(),
         split: String::new(),
         phase_started: Instant::now(),
         phase_seconds: (0.0, 0.0),
     };
-    let learner = Learner::new(classifier, AdamConfig::new().init(), config.lr);
-    let mut training = SupervisedTraining::new(out_dir, train_loader, valid_loader)
+    let learner = Learner::new(model, AdamConfig::new().init(), run.config.lr);
+    let mut training = SupervisedTraining::new(run.out_dir, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
-        .num_epochs(config.epochs)
+        .num_epochs(run.config.epochs)
         .with_default_checkpointers()
+        .with_training_strategy(TrainingStrategy::Default(run.strategy))
         .with_progress_logger(logger);
+    if let Some(epoch) = run.resume {
+        training = training.checkpoint(epoch);
+    }
     if !dashboard {
         training = training.renderer(Box::new(PlainRenderer::default()));
     }
@@ -313,16 +401,210 @@ pub fn train(
     if dashboard {
         // The dashboard owned the screen during training: the lesson's lines now.
         for m in &epochs {
-            println!("{}", lesson_lines(m, config.epochs));
+            println!("{}", lesson_lines(m, run.config.epochs));
         }
     }
+    (result.model, epochs)
+}
+
+/// The one device of a strategy; multi-device strategies are refused
+/// until the backbone can be replicated.
+fn strategy_device(strategy: &ExecutionStrategy) -> Result<Device, TrainError> {
+    match strategy {
+        ExecutionStrategy::SingleDevice(d) => Ok(d.clone()),
+        ExecutionStrategy::MultiDevice(ds, _) if ds.len() == 1 => Ok(ds[0].clone()),
+        _ => Err(TrainError::Config(
+            "multi-device and distributed training are not supported yet: pass ExecutionStrategy::SingleDevice".into(),
+        )),
+    }
+}
+
+/// Trains a head on `backbone` (frozen) over the image folder `root` on
+/// one device, writing checkpoints, `metrics.csv`, `config.json`,
+/// `model.bpk` and `curves.png` into `out_dir`. See [`train_with`].
+pub fn train(
+    backbone: LoadedModel,
+    root: &Path,
+    out_dir: &Path,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<TrainOutcome, TrainError> {
+    train_with(
+        backbone,
+        root,
+        out_dir,
+        config,
+        ExecutionStrategy::SingleDevice(device.clone().without_autodiff()),
+    )
+}
+
+/// [`train`] with Burn's `ExecutionStrategy` (single device for now).
+///
+/// When `out_dir` holds an unfinished run with the same configuration
+/// (interrupted: checkpoints and metrics but no `model.bpk`), training
+/// resumes after its last complete epoch; the finished epochs keep their
+/// rows in `metrics.csv`. Otherwise `out_dir` is started afresh.
+pub fn train_with(
+    backbone: LoadedModel,
+    root: &Path,
+    out_dir: &Path,
+    config: &TrainConfig,
+    strategy: ExecutionStrategy,
+) -> Result<TrainOutcome, TrainError> {
+    if config.epochs == 0 || config.batch_size == 0 || config.lr.is_nan() || config.lr <= 0.0 {
+        return Err(TrainError::Config(format!(
+            "epochs, batch size and learning rate must be positive (got {}, {}, {})",
+            config.epochs, config.batch_size, config.lr
+        )));
+    }
+    if config.feature_cache && config.bn_mode == BnMode::Lesson {
+        return Err(TrainError::Config(
+            "the feature cache needs BatchNorm `frozen`: in `lesson` mode the features depend on the batch".into(),
+        ));
+    }
+    if config.feature_cache && config.cache_views == 0 {
+        return Err(TrainError::Config("cache views must be at least 1".into()));
+    }
+    if config.feature_cache && !config.augment && config.cache_views > 1 {
+        return Err(TrainError::Config(format!(
+            "{} cache views without augmentation would be {} identical copies: turn augmentation on or use one view",
+            config.cache_views, config.cache_views
+        )));
+    }
+    let device = strategy_device(&strategy)?;
+    let (train_folder, valid_folder) = open_splits(root)?;
+    println!("{train_folder}");
+    println!("{valid_folder}");
+    backbone.model.check_input_size(224, 224)?;
+    let classes = train_folder.classes.clone();
+    std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
+    let resume = resume_point(out_dir, config);
+    let csv = out_dir.join("metrics.csv");
+    let done = match resume {
+        Some(epoch) => {
+            println!(
+                "{} holds an interrupted run: resuming after epoch {epoch}/{}",
+                out_dir.display(),
+                config.epochs
+            );
+            truncate_metrics(&csv, epoch)?
+        }
+        None => {
+            for stale in ["metrics.csv", "model.bpk", "curves.png", "predictions.png"] {
+                let _ = std::fs::remove_file(out_dir.join(stale));
+            }
+            let _ = std::fs::remove_dir_all(out_dir.join("checkpoint"));
+            config
+                .save(out_dir.join("config.json"))
+                .map_err(|e| write_err(&out_dir.join("config.json"), e))?;
+            Vec::new()
+        }
+    };
+    let normalize = data_normalize(&backbone.normalization);
+    let backbone_config = backbone.config.clone().with_num_classes(None);
+    let normalization = backbone.normalization.clone();
+    let train_pipeline = if config.augment {
+        Pipeline::lesson(normalize)
+    } else {
+        Pipeline::eval(normalize)
+    };
+    let inner = device.clone().without_autodiff();
+    let ad = inner.clone().autodiff();
+    inner.seed(config.seed);
+    ad.seed(config.seed);
+    let features = backbone.model.num_features();
+    let head = config.head.init(features, classes.len(), &ad)?;
+    let weights_sha256 = backbone.provenance.sha256.clone();
+    let backbone_model = backbone.model.with_fc(None);
+    let start_epoch = resume.unwrap_or(0) as u64;
+    let (model, epochs, cache) = if config.feature_cache {
+        let dir = config
+            .cache_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| avp_model::cache_root().join("features"));
+        let id = BackboneId {
+            model: &backbone_model,
+            weights_sha256: &weights_sha256,
+            config: &backbone_config,
+            normalization: &normalization,
+        };
+        let views = if config.augment {
+            config.cache_views
+        } else {
+            1
+        };
+        let job = |label, folder, pipeline, views| FeatureJob {
+            label,
+            folder,
+            pipeline,
+            views,
+            seed: config.seed,
+            batch_size: 8,
+        };
+        let (train_table, o1) = crate::cache::features(
+            &id,
+            &job("train", &train_folder, train_pipeline, views),
+            Some(&dir),
+            &inner,
+        )?;
+        let (valid_table, o2) = crate::cache::features(
+            &id,
+            &job("validation", &valid_folder, Pipeline::eval(normalize), 1),
+            Some(&dir),
+            &inner,
+        )?;
+        let origin = if o1 == CacheOrigin::Disk && o2 == CacheOrigin::Disk {
+            CacheOrigin::Disk
+        } else {
+            CacheOrigin::Computed
+        };
+        let model = CachedHead::new(head);
+        let totals = Arc::clone(&model.totals);
+        let train_loader =
+            FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
+        train_loader.set_epoch(start_epoch);
+        let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
+        let run = Run {
+            out_dir,
+            config,
+            strategy,
+            resume,
+            totals,
+            done,
+        };
+        let (trained, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run);
+        let model = Classifier::new(backbone_model, trained.head, config.bn_mode)?;
+        (model, epochs, Some(origin))
+    } else {
+        let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
+        let valid_ds = ImageDataset::new(valid_folder, Pipeline::eval(normalize), config.seed);
+        train_ds.set_epoch(start_epoch);
+        let model = Classifier::new(backbone_model, head, config.bn_mode)?;
+        let totals = Arc::clone(&model.totals);
+        let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
+        train_loader.set_epoch(start_epoch);
+        let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
+        let run = Run {
+            out_dir,
+            config,
+            strategy,
+            resume,
+            totals,
+            done,
+        };
+        let (model, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run);
+        (model, epochs, None)
+    };
     let outcome = TrainOutcome {
-        model: result.model,
+        model,
         classes,
         epochs,
         out_dir: out_dir.to_path_buf(),
         backbone_config,
         normalization,
+        resumed_after: resume,
+        cache,
     };
     crate::artifacts::save_model(
         &outcome.model,

@@ -3,69 +3,13 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::path::{Path, PathBuf};
-
-use avp_model::{LoadOptions, LoadedModel, load_weights, parse_device};
+use avp_model::parse_device;
 use avp_train::{BnMode, TrainConfig, TrainError, train};
 use burn::config::Config;
 use burn::module::Module;
 
-/// Burn's device RNG is process-wide: trainings running at the same time in
-/// other test threads would draw from it between seeding and the head's
-/// (lazy) initialisation.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let p = std::env::temp_dir().join(format!("avp-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Scratch(p)
-}
-
-/// Reddish versus bluish noisy squares.
-fn make_dataset(root: &Path, per_class: (usize, usize)) {
-    let mut state = 12345u32;
-    let mut rnd = move || {
-        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        (state >> 24) as u8
-    };
-    for (split, n) in [("train", per_class.0), ("val", per_class.1)] {
-        for (class, base) in [("red", [200u8, 40, 40]), ("blue", [40u8, 40, 200])] {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                let img = image::RgbImage::from_fn(48, 40, |_, _| {
-                    let mut p = base;
-                    for c in &mut p {
-                        *c = c.saturating_add(rnd() / 4).saturating_sub(rnd() / 4);
-                    }
-                    image::Rgb(p)
-                });
-                img.save(dir.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
-}
-
-/// A small headless ResNet with fixed weights: one of the model crate's
-/// committed ONNX fixtures (random, but the same every run, so that the
-/// features are never degenerate by chance).
-fn tiny_backbone(device: &burn::tensor::Device) -> LoadedModel {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/onnx/bottleneck_folded_op17_headless.onnx");
-    load_weights(&path, device, &LoadOptions::default()).unwrap()
-}
+mod common;
+use common::{make_dataset, scratch, serial, tiny_backbone};
 
 fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
     let mut v = m

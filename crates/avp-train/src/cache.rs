@@ -1,0 +1,557 @@
+//! The feature cache: the frozen backbone runs once per image (or once per
+//! precomputed augmented view) and the epochs train the head on the stored
+//! features.
+//!
+//! With [`BnMode::Frozen`](crate::BnMode::Frozen) the backbone is a fixed
+//! function, so the features of an image under a given transform never
+//! change: computing them once instead of once per epoch is exact. Without
+//! augmentation each training image has one view (the evaluation
+//! transform); with augmentation, `views` augmented copies of each image are
+//! computed (view `v` is the augmentation the uncached run would draw in
+//! epoch `v`) and every epoch samples one of them per image.
+//!
+//! Features are kept on disk, keyed by the SHA-256 of everything they
+//! depend on: the weights' SHA-256, the backbone's architecture and input
+//! normalization, the transform pipeline, the number of views (and the
+//! seed, for augmented views), and the file list (relative path, class,
+//! size and modification time of every image). A second run over the same
+//! images with the same weights reads them back and skips the backbone. A
+//! cache file that is truncated or does not match its key is recomputed.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, UNIX_EPOCH};
+
+use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng};
+use avp_model::{Normalization, ResNet, ResNetConfig, sha256_hex};
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::data::dataset::DatasetError;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::error::TrainError;
+
+const MAGIC: &[u8; 8] = b"AVPFEAT1";
+/// Salt that separates the view choice from the shuffling stream.
+const VIEW_SALT: u64 = 0x5EED_F1E5_0000_0001;
+
+/// Features of every image of a split, for one or more views.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureTable {
+    /// Images.
+    pub len: usize,
+    /// Views per image.
+    pub views: usize,
+    /// Features per image.
+    pub width: usize,
+    /// Class index of every image.
+    pub targets: Vec<usize>,
+    /// `[views][len][width]`, row-major.
+    pub values: Vec<f32>,
+}
+
+impl FeatureTable {
+    /// The features of image `index` in view `view`.
+    pub fn row(&self, view: usize, index: usize) -> &[f32] {
+        let start = (view * self.len + index) * self.width;
+        &self.values[start..start + self.width]
+    }
+
+    fn to_bytes(&self, key_text: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + key_text.len() + self.values.len() * 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(key_text.len() as u64).to_le_bytes());
+        out.extend_from_slice(key_text.as_bytes());
+        for v in [self.len, self.views, self.width] {
+            out.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        for &t in &self.targets {
+            out.extend_from_slice(&(t as u64).to_le_bytes());
+        }
+        for &v in &self.values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses a cache file; `None` when it is not one, is truncated or was
+    /// written for another key.
+    fn from_bytes(bytes: &[u8], key_text: &str) -> Option<Self> {
+        let mut r = bytes;
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).ok()?;
+        if &magic != MAGIC {
+            return None;
+        }
+        let u64_at = |r: &mut &[u8]| -> Option<u64> {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b).ok()?;
+            Some(u64::from_le_bytes(b))
+        };
+        let key_len = usize::try_from(u64_at(&mut r)?).ok()?;
+        if key_len != key_text.len() || r.len() < key_len || &r[..key_len] != key_text.as_bytes() {
+            return None;
+        }
+        r = &r[key_len..];
+        let len = usize::try_from(u64_at(&mut r)?).ok()?;
+        let views = usize::try_from(u64_at(&mut r)?).ok()?;
+        let width = usize::try_from(u64_at(&mut r)?).ok()?;
+        let values_len = len.checked_mul(views)?.checked_mul(width)?;
+        if r.len()
+            != len
+                .checked_mul(8)?
+                .checked_add(values_len.checked_mul(4)?)?
+        {
+            return None;
+        }
+        let targets = r[..len * 8]
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b) as usize
+            })
+            .collect();
+        let values = r[len * 8..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Some(Self {
+            len,
+            views,
+            width,
+            targets,
+            values,
+        })
+    }
+}
+
+/// Where a feature table came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOrigin {
+    /// Computed by the backbone in this run (and stored, when a cache
+    /// folder was given).
+    Computed,
+    /// Read from the cache folder.
+    Disk,
+}
+
+#[derive(Serialize)]
+struct KeyFile {
+    path: String,
+    class: usize,
+    bytes: u64,
+    modified_ns: u128,
+}
+
+#[derive(Serialize)]
+struct Key<'a> {
+    format: &'static str,
+    weights_sha256: &'a str,
+    backbone: &'a ResNetConfig,
+    normalization: &'a Normalization,
+    pipeline: &'a Pipeline,
+    views: usize,
+    seed: Option<u64>,
+    classes: &'a [String],
+    files: Vec<KeyFile>,
+}
+
+/// The text the cache key hashes (JSON): everything the features depend on.
+pub fn key_text(
+    weights_sha256: &str,
+    backbone: &ResNetConfig,
+    normalization: &Normalization,
+    folder: &ImageFolder,
+    pipeline: &Pipeline,
+    views: usize,
+    seed: u64,
+) -> String {
+    let files = folder
+        .samples
+        .iter()
+        .map(|s| {
+            let meta = std::fs::metadata(&s.path).ok();
+            let rel = s.path.strip_prefix(&folder.dir).unwrap_or(&s.path);
+            KeyFile {
+                path: rel.to_string_lossy().replace('\\', "/"),
+                class: s.class,
+                bytes: meta.as_ref().map_or(0, |m| m.len()),
+                modified_ns: meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos()),
+            }
+        })
+        .collect();
+    let key = Key {
+        format: "avp feature cache 1",
+        weights_sha256,
+        backbone,
+        normalization,
+        pipeline,
+        views,
+        // Augmented views depend on the seed; the evaluation transform does not.
+        seed: pipeline.is_random().then_some(seed),
+        classes: &folder.classes,
+        files,
+    };
+    serde_json::to_string(&key).unwrap_or_default()
+}
+
+/// The file in `dir` that holds the features for `key_text`.
+pub fn cache_file(dir: &Path, key_text: &str) -> PathBuf {
+    let hash = sha256_hex(key_text.as_bytes());
+    dir.join(format!("{}.features", &hash[..32]))
+}
+
+/// What to compute: one split through one pipeline.
+pub struct FeatureJob<'a> {
+    /// A label for progress lines ("train", "validation").
+    pub label: &'a str,
+    /// The images.
+    pub folder: &'a ImageFolder,
+    /// The transform (augmenting or not).
+    pub pipeline: Pipeline,
+    /// Views per image (1 without augmentation).
+    pub views: usize,
+    /// Seed of the augmentation.
+    pub seed: u64,
+    /// Backbone batch size.
+    pub batch_size: usize,
+}
+
+/// The backbone's identity, for the key.
+pub struct BackboneId<'a> {
+    /// The frozen backbone (headless).
+    pub model: &'a ResNet,
+    /// SHA-256 of the weights file.
+    pub weights_sha256: &'a str,
+    /// Its architecture.
+    pub config: &'a ResNetConfig,
+    /// Its input normalization.
+    pub normalization: &'a Normalization,
+}
+
+/// Reads the features of `job` from `dir` when present, otherwise runs the
+/// backbone (BatchNorm with running statistics) over every view and stores
+/// them there. Without `dir` nothing is read or written.
+pub fn features(
+    backbone: &BackboneId<'_>,
+    job: &FeatureJob<'_>,
+    dir: Option<&Path>,
+    device: &Device,
+) -> Result<(FeatureTable, CacheOrigin), TrainError> {
+    if job.views == 0 {
+        return Err(TrainError::Config(
+            "the feature cache needs at least one view per image".into(),
+        ));
+    }
+    let key = key_text(
+        backbone.weights_sha256,
+        backbone.config,
+        backbone.normalization,
+        job.folder,
+        &job.pipeline,
+        job.views,
+        job.seed,
+    );
+    let file = dir.map(|d| cache_file(d, &key));
+    if let Some(file) = &file
+        && let Ok(bytes) = std::fs::read(file)
+    {
+        match FeatureTable::from_bytes(&bytes, &key) {
+            Some(t) if t.len == job.folder.len() => {
+                println!(
+                    "feature cache: {} features read from {} ({} images x {} view{})",
+                    job.label,
+                    file.display(),
+                    t.len,
+                    t.views,
+                    if t.views == 1 { "" } else { "s" }
+                );
+                return Ok((t, CacheOrigin::Disk));
+            }
+            _ => println!(
+                "feature cache: {} is damaged or stale; computing it again",
+                file.display()
+            ),
+        }
+    }
+    let table = compute(backbone.model, job, device)?;
+    if let (Some(dir), Some(file)) = (dir, &file) {
+        write_atomic(dir, file, &table.to_bytes(&key))?;
+        println!(
+            "feature cache: {} features stored in {}",
+            job.label,
+            file.display()
+        );
+    }
+    Ok((table, CacheOrigin::Computed))
+}
+
+fn write_atomic(dir: &Path, file: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let err = |e: std::io::Error| TrainError::Write {
+        path: file.to_path_buf(),
+        why: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = file.with_extension(format!("partial-{}", std::process::id()));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+/// Runs the backbone over every view of every image of `job`.
+fn compute(
+    model: &ResNet,
+    job: &FeatureJob<'_>,
+    device: &Device,
+) -> Result<FeatureTable, TrainError> {
+    let inner = device.clone().without_autodiff();
+    let dataset = ImageDataset::new(job.folder.clone(), job.pipeline.clone(), job.seed);
+    let width = model.num_features();
+    let len = job.folder.len();
+    let mut values = vec![0f32; job.views * len * width];
+    let targets: Vec<usize> = job.folder.samples.iter().map(|s| s.class).collect();
+    let total = job.views * len;
+    let mut progress = ProgressLine::new(job.label, total);
+    for view in 0..job.views {
+        dataset.set_epoch(view as u64);
+        let loader = OrderedLoader::new(dataset.clone(), job.batch_size, None, &inner);
+        for batch in loader.iter() {
+            let batch =
+                batch.map_err(|e| TrainError::Config(format!("cannot read an image: {e}")))?;
+            let f = model.forward_features(batch.images);
+            let data = f
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| TrainError::Config(format!("backbone output: {e:?}")))?;
+            for (row, &index) in data.chunks_exact(width).zip(&batch.indices) {
+                let start = (view * len + index) * width;
+                values[start..start + width].copy_from_slice(row);
+            }
+            progress.advance(batch.indices.len());
+        }
+    }
+    progress.finish();
+    Ok(FeatureTable {
+        len,
+        views: job.views,
+        width,
+        targets,
+        values,
+    })
+}
+
+/// Progress of the backbone pass: a rewritten line in a terminal, a line
+/// per quarter otherwise.
+struct ProgressLine {
+    label: String,
+    total: usize,
+    done: usize,
+    started: Instant,
+    terminal: bool,
+    next_quarter: usize,
+}
+
+impl ProgressLine {
+    fn new(label: &str, total: usize) -> Self {
+        Self {
+            label: label.to_string(),
+            total,
+            done: 0,
+            started: Instant::now(),
+            terminal: std::io::stdout().is_terminal(),
+            next_quarter: 1,
+        }
+    }
+
+    fn line(&self) -> String {
+        let s = self.started.elapsed().as_secs_f64();
+        format!(
+            "feature cache: {} {}/{} images through the backbone ({:.1} img/s)",
+            self.label,
+            self.done,
+            self.total,
+            self.done as f64 / s.max(1e-9)
+        )
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.done += n;
+        if self.terminal {
+            print!("\r{}", self.line());
+            let _ = std::io::stdout().flush();
+        } else if self.next_quarter < 4 && self.done * 4 >= self.next_quarter * self.total {
+            println!("{}", self.line());
+            self.next_quarter = self.done * 4 / self.total.max(1) + 1;
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
+            println!("\r{}", self.line());
+        } else {
+            println!("{}", self.line());
+        }
+    }
+}
+
+/// A batch of cached features.
+#[derive(Debug, Clone)]
+pub struct FeatureBatch {
+    /// `[N, F]`.
+    pub features: Tensor<2>,
+    /// `[N]` class indices.
+    pub targets: Tensor<1, Int>,
+    /// Dataset index of each row.
+    pub indices: Vec<usize>,
+}
+
+/// Batches of cached features: shuffled per epoch from the seed like
+/// [`OrderedLoader`], one view drawn per image and epoch.
+pub struct FeatureLoader {
+    table: Arc<FeatureTable>,
+    batch_size: usize,
+    shuffle: Option<u64>,
+    device: Device,
+    range: (usize, usize),
+    epoch: Arc<AtomicU64>,
+}
+
+impl FeatureLoader {
+    /// Batches of `batch_size` rows on `device`.
+    pub fn new(
+        table: FeatureTable,
+        batch_size: usize,
+        shuffle: Option<u64>,
+        device: &Device,
+    ) -> Self {
+        let len = table.len;
+        Self {
+            table: Arc::new(table),
+            batch_size: batch_size.max(1),
+            shuffle,
+            device: device.clone(),
+            range: (0, len),
+            epoch: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Sets the epoch the next `iter()` starts (for resumed runs).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// The view of image `index` in `epoch`.
+    pub fn view(&self, epoch: u64, index: usize) -> usize {
+        if self.table.views <= 1 {
+            return 0;
+        }
+        let seed = self.shuffle.unwrap_or(0) ^ VIEW_SALT;
+        (Rng::for_item(seed, epoch, index as u64).next_u64() % self.table.views as u64) as usize
+    }
+
+    fn with(&self, device: &Device, range: (usize, usize)) -> Self {
+        Self {
+            table: Arc::clone(&self.table),
+            batch_size: self.batch_size,
+            shuffle: self.shuffle,
+            device: device.clone(),
+            range,
+            epoch: Arc::clone(&self.epoch),
+        }
+    }
+}
+
+struct FeatureIter {
+    batches: std::vec::IntoIter<FeatureBatch>,
+    done: usize,
+    total: usize,
+}
+
+impl Iterator for FeatureIter {
+    type Item = Result<FeatureBatch, DatasetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = self.batches.next()?;
+        self.done += b.indices.len();
+        Some(Ok(b))
+    }
+}
+
+impl DataLoaderIterator<FeatureBatch> for FeatureIter {
+    fn progress(&self) -> Progress {
+        Progress::new(self.done, self.total, None)
+    }
+}
+
+impl DataLoader<FeatureBatch> for FeatureLoader {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<FeatureBatch> + 'a> {
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut order: Vec<usize> = (self.range.0..self.range.1).collect();
+        if let Some(seed) = self.shuffle {
+            let mut rng = Rng::for_item(seed, epoch, u64::MAX);
+            for i in (1..order.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                order.swap(i, j);
+            }
+        }
+        let w = self.table.width;
+        let batches: Vec<FeatureBatch> = order
+            .chunks(self.batch_size)
+            .map(|chunk| {
+                let mut rows = Vec::with_capacity(chunk.len() * w);
+                for &i in chunk {
+                    rows.extend_from_slice(self.table.row(self.view(epoch, i), i));
+                }
+                let targets: Vec<i64> = chunk
+                    .iter()
+                    .map(|&i| self.table.targets[i] as i64)
+                    .collect();
+                FeatureBatch {
+                    features: Tensor::from_data(
+                        TensorData::new(rows, [chunk.len(), w]),
+                        &self.device,
+                    ),
+                    targets: Tensor::from_data(
+                        TensorData::new(targets, [chunk.len()]),
+                        &self.device,
+                    ),
+                    indices: chunk.to_vec(),
+                }
+            })
+            .collect();
+        Box::new(FeatureIter {
+            batches: batches.into_iter(),
+            done: 0,
+            total: order.len(),
+        })
+    }
+
+    fn num_items(&self) -> usize {
+        self.range.1 - self.range.0
+    }
+
+    fn to_device(&self, device: &Device) -> Arc<dyn DataLoader<FeatureBatch>> {
+        Arc::new(self.with(device, self.range))
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<FeatureBatch>> {
+        let s = (self.range.0 + start).min(self.range.1);
+        let e = (self.range.0 + end).min(self.range.1).max(s);
+        Arc::new(self.with(&self.device, (s, e)))
+    }
+}

@@ -1,0 +1,354 @@
+//! The feature cache (exact features, reuse from disk, invalidation,
+//! augmented views) and resuming a run that was killed mid-training.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::path::Path;
+use std::time::Duration;
+
+use avp_data::{ImageDataset, ImageFolder, OpenOptions, Pipeline, Split};
+use avp_model::parse_device;
+use avp_train::cache::{BackboneId, FeatureJob, features};
+use avp_train::{BnMode, CacheOrigin, TrainConfig, data_normalize, read_metrics_csv, train};
+use burn::data::dataloader::DataLoader;
+use burn::tensor::{Tensor, TensorData};
+
+mod common;
+use common::{make_dataset, scratch, serial, tiny_backbone};
+
+fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|e| e == "features"));
+    v.sort();
+    v
+}
+
+#[test]
+fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentations() {
+    let s = scratch("cache-exact");
+    make_dataset(&s.0, (5, 2));
+    let device = parse_device("flex").unwrap();
+    let backbone = tiny_backbone(&device);
+    let folder = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
+    let normalize = data_normalize(&backbone.normalization);
+    let id = BackboneId {
+        model: &backbone.model,
+        weights_sha256: &backbone.provenance.sha256,
+        config: &backbone.config,
+        normalization: &backbone.normalization,
+    };
+    let job = FeatureJob {
+        label: "train",
+        folder: &folder,
+        pipeline: Pipeline::lesson(normalize),
+        views: 3,
+        seed: 7,
+        batch_size: 4,
+    };
+    let (table, origin) = features(&id, &job, None, &device).unwrap();
+    assert_eq!(origin, CacheOrigin::Computed);
+    assert_eq!((table.len, table.views, table.width), (10, 3, 64));
+    // View v of image i is what the uncached run feeds the backbone in epoch v.
+    let ds = ImageDataset::new(folder.clone(), Pipeline::lesson(normalize), 7);
+    for (view, index) in [(0, 0), (1, 3), (2, 9)] {
+        let item = ds.item_at(index, view as u64).unwrap();
+        let [c, h, w] = item.shape;
+        let x = Tensor::<4>::from_data(TensorData::new(item.pixels, [1, c, h, w]), &device);
+        let direct = backbone
+            .model
+            .forward_features(x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let cached = table.row(view, index);
+        let err = direct
+            .iter()
+            .zip(cached)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= 1e-5, "view {view} image {index}: max diff {err}");
+    }
+    // Different views differ (they are different augmentations).
+    assert_ne!(table.row(0, 0), table.row(1, 0));
+    // Each epoch draws one view per image; over epochs all views are used.
+    let loader = avp_train::FeatureLoader::new(table.clone(), 4, Some(7), &device);
+    let seen: std::collections::BTreeSet<usize> = (0..12).map(|e| loader.view(e, 0)).collect();
+    assert_eq!(
+        seen.len(),
+        3,
+        "views drawn for image 0 over 12 epochs: {seen:?}"
+    );
+    let batches: Vec<_> = loader.iter().map(|b| b.unwrap()).collect();
+    let mut indices: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    assert_ne!(
+        indices,
+        (0..10).collect::<Vec<_>>(),
+        "the training order is shuffled"
+    );
+    indices.sort();
+    assert_eq!(indices, (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_feature_cache_trains_is_reused_from_disk_and_is_invalidated_by_changes() {
+    let _serial = serial();
+    let s = scratch("cache-train");
+    let data = s.0.join("data");
+    make_dataset(&data, (12, 6));
+    let cache = s.0.join("cache");
+    let device = parse_device("flex").unwrap();
+    let config = TrainConfig::new()
+        .with_epochs(3)
+        .with_batch_size(2)
+        .with_lr(3e-2)
+        .with_augment(false)
+        .with_feature_cache(true)
+        .with_cache_dir(Some(cache.to_string_lossy().into_owned()));
+    let first = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("a"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(first.cache, Some(CacheOrigin::Computed));
+    assert!(
+        first.epochs.last().unwrap().valid_acc >= 0.75,
+        "{:?}",
+        first.epochs
+    );
+    let files = cache_files(&cache);
+    assert_eq!(files.len(), 2, "train and validation features: {files:?}");
+    for f in ["model.bpk", "metrics.csv", "curves.png", "config.json"] {
+        assert!(s.0.join("a").join(f).is_file(), "{f}");
+    }
+    // The trained head works on images through the stored model.
+    let trained = avp_train::load_model(&s.0.join("a/model.bpk"), &device).unwrap();
+    let red = data.join("val/red/0.png");
+    let p = trained.predict_paths(&[&red], 8).unwrap();
+    assert_eq!(trained.classes[p[0].class], "red", "{p:?}");
+
+    // Same images, same weights: read from disk, and the same training.
+    let second = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("b"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(second.cache, Some(CacheOrigin::Disk));
+    assert_eq!(cache_files(&cache), files);
+    assert_eq!(
+        first
+            .epochs
+            .iter()
+            .map(|m| (m.train_loss, m.valid_acc))
+            .collect::<Vec<_>>(),
+        second
+            .epochs
+            .iter()
+            .map(|m| (m.train_loss, m.valid_acc))
+            .collect::<Vec<_>>()
+    );
+
+    // A damaged cache file is computed again, not trusted.
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&files[0], &bytes[..bytes.len() / 2]).unwrap();
+    let third = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("c"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(third.cache, Some(CacheOrigin::Computed));
+    assert_eq!(std::fs::read(&files[0]).unwrap(), bytes, "rewritten whole");
+
+    // A changed image changes the key.
+    image::RgbImage::from_pixel(48, 40, image::Rgb([10, 200, 10]))
+        .save(data.join("train/red/0.png"))
+        .unwrap();
+    let fourth = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("d"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(fourth.cache, Some(CacheOrigin::Computed));
+    assert_eq!(
+        cache_files(&cache).len(),
+        3,
+        "new training features, same validation"
+    );
+}
+
+#[test]
+fn feature_cache_settings_that_cannot_work_are_refused() {
+    let s = scratch("cache-bad");
+    make_dataset(&s.0, (2, 2));
+    let device = parse_device("flex").unwrap();
+    let base = TrainConfig::new().with_feature_cache(true);
+    for (config, says) in [
+        (
+            base.clone().with_bn_mode(BnMode::Lesson),
+            "needs BatchNorm `frozen`",
+        ),
+        (base.clone().with_cache_views(0), "at least 1"),
+        (
+            base.clone().with_augment(false).with_cache_views(4),
+            "identical copies",
+        ),
+    ] {
+        let e = train(
+            tiny_backbone(&device),
+            &s.0,
+            &s.0.join("out"),
+            &config,
+            &device,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
+}
+
+const CHILD_OUT: &str = "AVP_RESUME_CHILD_OUT";
+
+fn resume_config() -> TrainConfig {
+    TrainConfig::new()
+        .with_epochs(4)
+        .with_batch_size(4)
+        .with_lr(3e-2)
+        .with_seed(5)
+}
+
+fn resume_data(root: &Path) -> std::path::PathBuf {
+    let data = root.join("data");
+    if !data.exists() {
+        make_dataset(&data, (16, 6));
+    }
+    data
+}
+
+/// The run that gets killed: started by the test below as a child
+/// process, it aborts itself (no unwinding, no cleanup, like a kill)
+/// right after the second epoch's checkpoint and metrics are on disk.
+#[test]
+#[ignore = "started as a child process by a_killed_run_resumes_after_its_last_finished_epoch"]
+fn resume_child() {
+    let Some(out) = std::env::var_os(CHILD_OUT) else {
+        return;
+    };
+    let out = std::path::PathBuf::from(out);
+    let data = resume_data(out.parent().unwrap());
+    let watch = out.clone();
+    std::thread::spawn(move || {
+        loop {
+            let done = read_metrics_csv(&watch.join("metrics.csv")).len();
+            let ckpt = ["model", "optim", "scheduler"]
+                .iter()
+                .all(|k| watch.join(format!("checkpoint/{k}-2.bpk")).is_file());
+            if done >= 2 && ckpt {
+                std::process::abort();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let device = parse_device("flex").unwrap();
+    train(
+        tiny_backbone(&device),
+        &data,
+        &out,
+        &resume_config(),
+        &device,
+    )
+    .unwrap();
+    // Reaching the end means the watcher missed the checkpoint.
+    std::process::exit(3);
+}
+
+#[test]
+fn a_killed_run_resumes_after_its_last_finished_epoch() {
+    let _serial = serial();
+    let s = scratch("resume");
+    let data = resume_data(&s.0);
+    let out = s.0.join("out");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["resume_child", "--exact", "--ignored", "--nocapture"])
+        .env(CHILD_OUT, &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child run should have been killed");
+    assert_ne!(
+        status.code(),
+        Some(3),
+        "the child finished before it was killed"
+    );
+    assert!(!out.join("model.bpk").exists());
+    let before = read_metrics_csv(&out.join("metrics.csv"));
+    assert!(before.len() >= 2, "{before:?}");
+
+    let device = parse_device("flex").unwrap();
+    let config = resume_config();
+    let resumed = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
+    let k = resumed.resumed_after.expect("the run should resume");
+    assert!((2..4).contains(&k), "resumed after epoch {k}");
+    // No finished epoch is lost or repeated.
+    assert_eq!(
+        resumed.epochs.iter().map(|m| m.epoch).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(read_metrics_csv(&out.join("metrics.csv")).len(), 4);
+    assert_eq!(&resumed.epochs[..k], &before[..k]);
+    assert!(out.join("model.bpk").is_file());
+
+    // The resumed run is the run that was never interrupted.
+    let whole = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("whole"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(whole.resumed_after, None);
+    assert!(whole.epochs[3].valid_acc >= 0.75, "{:?}", whole.epochs);
+    let acc = |ms: &[avp_train::EpochMetrics]| {
+        ms.iter()
+            .map(|m| {
+                (
+                    m.epoch,
+                    m.train_loss,
+                    m.train_acc,
+                    m.valid_loss,
+                    m.valid_acc,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // (compared as written to metrics.csv: six decimals)
+    assert_eq!(
+        acc(&read_metrics_csv(&out.join("metrics.csv"))),
+        acc(&read_metrics_csv(&s.0.join("whole/metrics.csv")))
+    );
+
+    // A finished run is not resumed: the same command starts afresh.
+    let again = train(
+        tiny_backbone(&device),
+        &data,
+        &out,
+        &config.with_epochs(1),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(again.resumed_after, None);
+    assert_eq!(again.epochs.len(), 1);
+}
