@@ -9,10 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use avp::data::{Pipeline, Rng, decode_rgb8};
-use avp::model::{LoadOptions, load_weights, parse_device};
-use avp::train::{BnMode, TrainConfig, data_normalize, train};
-use burn::tensor::{Tensor, TensorData};
+use avp::data::decode_rgb8;
+use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::train::{BnMode, TrainConfig, train};
 use clap::{Parser, ValueEnum};
 
 const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
@@ -36,7 +35,10 @@ struct Args {
     /// one subfolder per class.
     #[arg(long, env = "AVP_DATA", default_value = DEFAULT_DATA)]
     data: PathBuf,
-    /// Backbone weights: .onnx, .pth/.pt, .safetensors or .bpk.
+    /// Backbone weights: .onnx, .pth/.pt, .safetensors or .bpk, or a known
+    /// name to download once into the cache: torchvision-resnet50 (the
+    /// lesson's network: torchvision's IMAGENET1K_V1), torchvision-resnet18,
+    /// -34, -101, -152.
     #[arg(long, env = "AVP_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
     weights: PathBuf,
     /// Preprocessing ONNX that defines the backbone's input normalization
@@ -67,6 +69,20 @@ struct Args {
     /// Train without the lesson's augmentation.
     #[arg(long)]
     no_augment: bool,
+    /// Run the backbone once per image and train the head on the stored
+    /// features (much faster; with augmentation it needs --cache-views).
+    /// The features are kept on disk and reused by later runs with the same
+    /// images, weights and transform.
+    #[arg(long)]
+    feature_cache: bool,
+    /// With augmentation: precompute K augmented views of every training
+    /// image and sample one per epoch (implies --feature-cache).
+    #[arg(long, value_name = "K")]
+    cache_views: Option<usize>,
+    /// Folder of the feature cache (default: $AVP_CACHE_DIR/features, or
+    /// ~/.cache/avp/features).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -78,6 +94,13 @@ fn main() -> Result<()> {
             args.data.display()
         );
     }
+    let feature_cache = args.feature_cache || args.cache_views.is_some();
+    if feature_cache && !args.no_augment && args.cache_views.is_none() {
+        bail!(
+            "--feature-cache with augmentation needs --cache-views K (K augmented views per image); \
+             or add --no-augment to cache one plain view per image"
+        );
+    }
     let device = parse_device(&args.device)?;
     let prep = args.prep.clone().or_else(|| {
         (args.weights == Path::new(DEFAULT_WEIGHTS) && Path::new(DEFAULT_PREP).exists())
@@ -87,11 +110,15 @@ fn main() -> Result<()> {
         prep,
         ..Default::default()
     };
-    let backbone = load_weights(&args.weights, &device, &options)
+    let weights = resolve_weights(
+        &args.weights.to_string_lossy(),
+        &device,
+        &DownloadOptions::default(),
+    )?;
+    let backbone = load_weights(&weights, &device, &options)
         .with_context(|| format!("loading the backbone {}", args.weights.display()))?;
     println!("backbone: {}", backbone.config.describe());
     println!("input:    {}", backbone.normalization.describe());
-    let normalize = data_normalize(&backbone.normalization);
     let config = TrainConfig::new()
         .with_epochs(args.epochs)
         .with_batch_size(args.batch_size)
@@ -101,7 +128,14 @@ fn main() -> Result<()> {
         .with_bn_mode(match args.bn_mode {
             BnArg::Frozen => BnMode::Frozen,
             BnArg::Lesson => BnMode::Lesson,
-        });
+        })
+        .with_feature_cache(feature_cache)
+        .with_cache_views(args.cache_views.unwrap_or(1))
+        .with_cache_dir(
+            args.cache_dir
+                .as_ref()
+                .map(|d| d.to_string_lossy().into_owned()),
+        );
     let outcome = train(backbone, &args.data, &args.out, &config, &device)?;
     let last = outcome.epochs.last().context("no epoch finished")?;
     println!("final validation accuracy: {:.4}", last.valid_acc);
@@ -123,33 +157,25 @@ fn main() -> Result<()> {
             })
             .collect()
     };
-    let eval = Pipeline::eval(normalize);
-    let model = &outcome.model;
+    let trained = avp::train::TrainedModel {
+        classifier: outcome.model,
+        classes: outcome.classes,
+        normalization: outcome.normalization,
+        backbone_config: outcome.backbone_config,
+    };
     let mut figure = Vec::new();
-    for p in &picks {
-        let img = decode_rgb8(p)?;
-        let x = Tensor::<4>::from_data(
-            TensorData::new(
-                eval.apply(&img, &mut Rng::for_item(0, 0, 0)),
-                [1, 3, 224, 224],
-            ),
-            &device,
-        );
-        let probs = model
-            .probabilities(x)
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let title: Vec<String> = outcome
+    for pred in trained.predict_paths(&picks, 8)? {
+        let title: Vec<String> = trained
             .classes
             .iter()
-            .zip(&probs)
+            .zip(&pred.probabilities)
             .map(|(c, p)| format!("{:.0}% {}", p * 100.0, capitalize(c)))
             .collect();
-        println!("{}: {}", p.display(), title.join(", "));
-        figure.push((img, title.join(", ")));
+        println!("{}: {}", pred.path.display(), title.join(", "));
+        figure.push((decode_rgb8(&pred.path)?, title.join(", ")));
     }
-    let predictions = outcome.out_dir.join("predictions.png");
+    let out_dir = outcome.out_dir;
+    let predictions = out_dir.join("predictions.png");
     avp::train::plot_predictions(&figure, &predictions)?;
     println!();
     for (what, file) in [
@@ -162,7 +188,7 @@ fn main() -> Result<()> {
         println!(
             "{:<12} {}",
             format!("{what}:"),
-            outcome.out_dir.join(file).display()
+            out_dir.join(file).display()
         );
     }
     Ok(())

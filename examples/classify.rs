@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use avp::data::{Pipeline, Rng, decode_rgb8};
-use avp::model::{LoadOptions, load_weights, parse_device};
+use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
 use avp::train::{data_normalize, load_model};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
@@ -27,7 +27,8 @@ const IMAGENET: &str = include_str!("../weights/imagenet_classes.txt");
 #[command(version)]
 struct Args {
     /// A model.bpk written by training, or any weights file with a classifier
-    /// (.onnx, .pth, .safetensors, .bpk).
+    /// (.onnx, .pth, .safetensors, .bpk), or a known name downloaded once
+    /// into the cache (torchvision-resnet50, torchvision-resnet18, ...).
     #[arg(long)]
     model: PathBuf,
     /// Images to classify.
@@ -67,7 +68,12 @@ fn main() -> Result<()> {
                     prep: args.prep.clone(),
                     ..Default::default()
                 };
-                let loaded = load_weights(&args.model, &device, &options).with_context(|| {
+                let file = resolve_weights(
+                    &args.model.to_string_lossy(),
+                    &device,
+                    &DownloadOptions::default(),
+                )?;
+                let loaded = load_weights(&file, &device, &options).with_context(|| {
                     format!(
                         "{} is neither a trained model.bpk ({trained_err}) nor a weights file",
                         args.model.display()

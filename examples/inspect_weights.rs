@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use avp::model::{LoadOptions, load_weights, npy, parse_device};
+use avp::model::{DownloadOptions, LoadOptions, load_weights, npy, parse_device, resolve_weights};
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
@@ -19,7 +19,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The weights file.
+    /// The weights file, or a known name downloaded once into the cache
+    /// (torchvision-resnet50, ...).
     file: PathBuf,
     /// A preprocessing ONNX file that defines the input normalization
     /// (e.g. ML.NET's ResNetPreprocess.onnx).
@@ -49,7 +50,12 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let loaded = load_weights(&args.file, &device, &options)?;
+    let file = resolve_weights(
+        &args.file.to_string_lossy(),
+        &device,
+        &DownloadOptions::default(),
+    )?;
+    let loaded = load_weights(&file, &device, &options)?;
     let load_seconds = started.elapsed().as_secs_f64();
     if let Some(out) = &args.convert {
         avp::model::save_native(

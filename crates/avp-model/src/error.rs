@@ -114,6 +114,16 @@ pub enum ModelError {
     /// A device name that is unknown, or whose backend was not compiled in.
     #[error("{0}")]
     Device(String),
+    /// A download failed; nothing was left in the cache.
+    #[error("cannot download {url}: {why}. {hint}")]
+    Download {
+        /// What was fetched.
+        url: String,
+        /// What went wrong.
+        why: String,
+        /// What to do instead.
+        hint: String,
+    },
     /// Reading or writing an `.npy` array failed.
     #[error("{path}: {why}")]
     Npy {

@@ -24,6 +24,7 @@
 
 mod cache_dir;
 mod device;
+pub mod download;
 mod error;
 mod fill;
 pub mod normalization;
@@ -34,6 +35,7 @@ pub mod weights;
 
 pub use cache_dir::cache_root;
 pub use device::{DEVICE_NAMES, compiled_backends, parse_device};
+pub use download::{DownloadOptions, resolve_weights};
 pub use error::ModelError;
 pub use fill::fill;
 pub use normalization::{ChannelOrder, Normalization, NormalizationSource, ValueRange};

@@ -1,0 +1,456 @@
+//! Weights by name: `torchvision-resnet50` and the other downloadable
+//! entries of `weights/manifest.json` are fetched once into the cache
+//! (the `download` feature), checked against their SHA-256 (torchvision's
+//! file names carry its first 8 hex digits, which is what `torch.hub`
+//! checks; a full hash is checked when the manifest has one), converted to
+//! the native burnpack format, and loaded from there afterwards.
+//!
+//! A download goes to a `.partial` file that is renamed into place only
+//! once it is complete and verified: an interrupted, short, failed or
+//! wrong download leaves nothing in the cache, and a finished one is never
+//! fetched again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burn::tensor::Device;
+
+use crate::error::ModelError;
+use crate::weights::{KnownWeights, LoadOptions, load_weights, manifest, save_native};
+
+/// Where and how downloads happen.
+#[derive(Debug, Clone)]
+pub struct DownloadOptions {
+    /// Folder for downloaded and converted files
+    /// (default: `weights/` under [`crate::cache_root`]).
+    pub dir: PathBuf,
+    /// Replaces the scheme and host of every URL (for mirrors and tests),
+    /// e.g. `http://127.0.0.1:8000`; default: `$AVP_WEIGHTS_MIRROR`.
+    pub mirror: Option<String>,
+    /// Give up when no byte arrives for this long.
+    pub read_timeout: Duration,
+    /// Progress lines on standard error.
+    pub progress: bool,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            dir: crate::cache_root().join("weights"),
+            mirror: std::env::var("AVP_WEIGHTS_MIRROR")
+                .ok()
+                .filter(|m| !m.is_empty()),
+            read_timeout: Duration::from_secs(30),
+            progress: true,
+        }
+    }
+}
+
+/// The expected content of a download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksum {
+    /// The full SHA-256, hex.
+    Sha256(String),
+    /// The first hex digits of the SHA-256 (torchvision's file names).
+    Sha256Prefix(String),
+}
+
+impl Checksum {
+    fn matches(&self, hex: &str) -> bool {
+        match self {
+            Checksum::Sha256(h) => hex.eq_ignore_ascii_case(h),
+            Checksum::Sha256Prefix(p) => !p.is_empty() && hex.starts_with(&p.to_ascii_lowercase()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Checksum::Sha256(h) => format!("SHA-256 {h}"),
+            Checksum::Sha256Prefix(p) => format!("SHA-256 starting with {p}"),
+        }
+    }
+}
+
+fn download_err(url: &str, why: impl Into<String>) -> ModelError {
+    ModelError::Download {
+        url: url.to_string(),
+        why: why.into(),
+        hint: format!(
+            "Without network, fetch {url} on a machine that has one and pass the file itself as the weights \
+             (--weights FILE in the examples), or keep the committed ResNet18 (the default)"
+        ),
+    }
+}
+
+/// The manifest entries that can be fetched by name.
+pub fn downloadable() -> Vec<KnownWeights> {
+    manifest()
+        .into_iter()
+        .filter(|k| k.location.starts_with("https://") || k.location.starts_with("http://"))
+        .collect()
+}
+
+/// `url` with its scheme and host replaced by `mirror`.
+fn mirrored(url: &str, mirror: Option<&str>) -> String {
+    let Some(m) = mirror else {
+        return url.to_string();
+    };
+    let path = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+        .unwrap_or("/");
+    format!("{}{path}", m.trim_end_matches('/'))
+}
+
+/// Downloads `url` to `dest` unless `dest` already exists (a file is only
+/// ever put there complete and verified). Returns `dest`.
+pub fn download(
+    url: &str,
+    dest: &Path,
+    checksum: &Checksum,
+    options: &DownloadOptions,
+) -> Result<PathBuf, ModelError> {
+    if dest.is_file() {
+        return Ok(dest.to_path_buf());
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
+    let result = fetch_to(url, &partial, checksum, options);
+    match result {
+        Ok(()) => std::fs::rename(&partial, dest).map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            ModelError::Io {
+                path: dest.to_path_buf(),
+                source: e,
+            }
+        })?,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    }
+    Ok(dest.to_path_buf())
+}
+
+#[cfg(not(feature = "download"))]
+fn fetch_to(
+    url: &str,
+    _partial: &Path,
+    _checksum: &Checksum,
+    _options: &DownloadOptions,
+) -> Result<(), ModelError> {
+    Err(download_err(
+        url,
+        "this build has no `download` feature (it is on by default; enable it with --features download)",
+    ))
+}
+
+#[cfg(feature = "download")]
+use net::fetch_to;
+
+#[cfg(feature = "download")]
+mod net {
+    use std::io::{IsTerminal, Read, Write};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use sha2::{Digest, Sha256};
+
+    use super::{Checksum, DownloadOptions, download_err};
+    use crate::error::ModelError;
+
+    pub(super) fn fetch_to(
+        url: &str,
+        partial: &Path,
+        checksum: &Checksum,
+        options: &DownloadOptions,
+    ) -> Result<(), ModelError> {
+        let config = ureq::Agent::config_builder()
+            .timeout_resolve(Some(Duration::from_secs(15)))
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_per_read(Some(options.read_timeout))
+            .http_status_as_error(false)
+            .build();
+        let agent: ureq::Agent = config.into();
+        let mut response = agent
+            .get(url)
+            .call()
+            .map_err(|e| download_err(url, format!("cannot connect: {e}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(download_err(
+                url,
+                format!("the server answered {status} (is the file name right?)"),
+            ));
+        }
+        let expected_len: Option<u64> = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut reader = response.body_mut().as_reader();
+        let mut file = std::fs::File::create(partial).map_err(|e| ModelError::Io {
+            path: partial.to_path_buf(),
+            source: e,
+        })?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut received = 0u64;
+        let name = url.rsplit('/').next().unwrap_or(url).to_string();
+        let mut progress = Progress::new(&name, expected_len, options.progress);
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(download_err(
+                        url,
+                        format!("the download broke off after {received} bytes: {e}"),
+                    ));
+                }
+            };
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(|e| ModelError::Io {
+                path: partial.to_path_buf(),
+                source: e,
+            })?;
+            received += n as u64;
+            progress.update(received);
+        }
+        progress.finish(received);
+        if let Some(len) = expected_len
+            && received != len
+        {
+            return Err(download_err(
+                url,
+                format!("the download was cut short: {received} of {len} bytes"),
+            ));
+        }
+        file.sync_all().map_err(|e| ModelError::Io {
+            path: partial.to_path_buf(),
+            source: e,
+        })?;
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if !checksum.matches(&hex) {
+            return Err(download_err(
+                url,
+                format!(
+                    "checksum mismatch: expected {}, got {hex}; the file was not kept",
+                    checksum.describe()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    struct Progress {
+        name: String,
+        total: Option<u64>,
+        enabled: bool,
+        terminal: bool,
+        started: Instant,
+        last: Instant,
+    }
+
+    impl Progress {
+        fn new(name: &str, total: Option<u64>, enabled: bool) -> Self {
+            Self {
+                name: name.to_string(),
+                total,
+                enabled,
+                terminal: std::io::stderr().is_terminal(),
+                started: Instant::now(),
+                last: Instant::now(),
+            }
+        }
+
+        fn line(&self, done: u64) -> String {
+            let mb = |b: u64| b as f64 / 1e6;
+            let rate = mb(done) / self.started.elapsed().as_secs_f64().max(1e-9);
+            match self.total {
+                Some(t) => format!(
+                    "downloading {}: {:.1}/{:.1} MB ({:.0}%, {rate:.1} MB/s)",
+                    self.name,
+                    mb(done),
+                    mb(t),
+                    100.0 * done as f64 / t.max(1) as f64
+                ),
+                None => format!(
+                    "downloading {}: {:.1} MB ({rate:.1} MB/s)",
+                    self.name,
+                    mb(done)
+                ),
+            }
+        }
+
+        fn update(&mut self, done: u64) {
+            let every = if self.terminal { 0.2 } else { 5.0 };
+            if self.enabled && self.last.elapsed().as_secs_f64() >= every {
+                self.last = Instant::now();
+                if self.terminal {
+                    eprint!("\r{}", self.line(done));
+                } else {
+                    eprintln!("{}", self.line(done));
+                }
+            }
+        }
+
+        fn finish(&self, done: u64) {
+            if self.enabled {
+                eprintln!(
+                    "{}{}",
+                    if self.terminal { "\r" } else { "" },
+                    self.line(done)
+                );
+            }
+        }
+    }
+}
+
+/// Fetches (once) the weights of a manifest entry and converts them
+/// (once) to the native format; returns the native file, which
+/// [`load_weights`] reads in well under a second.
+pub fn fetch_known(
+    entry: &KnownWeights,
+    device: &Device,
+    options: &DownloadOptions,
+) -> Result<PathBuf, ModelError> {
+    let url = mirrored(&entry.location, options.mirror.as_deref());
+    let checksum = match (&entry.sha256, &entry.sha256_prefix) {
+        (Some(h), _) => Checksum::Sha256(h.clone()),
+        (None, Some(p)) => Checksum::Sha256Prefix(p.clone()),
+        (None, None) => {
+            return Err(download_err(
+                &url,
+                format!("the manifest has no checksum for {}", entry.name),
+            ));
+        }
+    };
+    let file_name = entry
+        .location
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&entry.name)
+        .to_string();
+    let raw = options.dir.join(&file_name);
+    let native = raw.with_extension("bpk");
+    if native.is_file() {
+        return Ok(native);
+    }
+    download(&url, &raw, &checksum, options)?;
+    let loaded = load_weights(
+        &raw,
+        device,
+        &LoadOptions {
+            normalization: Some(entry.normalization.clone()),
+            ..Default::default()
+        },
+    )?;
+    let partial = native.with_extension(format!("partial-{}", std::process::id()));
+    let saved = save_native(
+        &loaded.model,
+        &loaded.config,
+        &loaded.normalization,
+        &loaded.provenance,
+        &partial,
+    )
+    .and_then(|()| {
+        std::fs::rename(&partial, &native).map_err(|e| ModelError::Io {
+            path: native.clone(),
+            source: e,
+        })
+    });
+    if let Err(e) = saved {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    if options.progress {
+        eprintln!(
+            "converted {} to {} (later runs load this file)",
+            raw.display(),
+            native.display()
+        );
+    }
+    Ok(native)
+}
+
+/// Resolves a weights argument: an existing file is itself; a name from the
+/// manifest with a download location (`torchvision-resnet50`) is fetched
+/// and converted once (see [`fetch_known`]); anything else is an error that
+/// lists the names.
+pub fn resolve_weights(
+    spec: &str,
+    device: &Device,
+    options: &DownloadOptions,
+) -> Result<PathBuf, ModelError> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let known = downloadable();
+    match known.iter().find(|k| k.name == spec) {
+        Some(entry) => fetch_known(entry, device, options),
+        None => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no such file, and not a known weights name ({})",
+                    known
+                        .iter()
+                        .map(|k| k.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrors_keep_the_path() {
+        assert_eq!(
+            mirrored(
+                "https://example.org/models/r.pth",
+                Some("http://127.0.0.1:9/")
+            ),
+            "http://127.0.0.1:9/models/r.pth"
+        );
+        assert_eq!(
+            mirrored("https://example.org/a", None),
+            "https://example.org/a"
+        );
+    }
+
+    #[test]
+    fn checksums_compare_in_full_or_by_prefix() {
+        let h = "0676ba61aaaa";
+        assert!(Checksum::Sha256Prefix("0676ba61".into()).matches(h));
+        assert!(!Checksum::Sha256Prefix("0676ba62".into()).matches(h));
+        assert!(!Checksum::Sha256Prefix(String::new()).matches(h));
+        assert!(Checksum::Sha256(h.to_uppercase()).matches(h));
+    }
+
+    #[test]
+    fn the_lessons_network_is_downloadable() {
+        let names: Vec<String> = downloadable().into_iter().map(|k| k.name).collect();
+        assert!(
+            names.iter().any(|n| n == "torchvision-resnet50"),
+            "{names:?}"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! Trains the lesson's recipe over several seeds and prints the final
+//! validation accuracies next to PyTorch's for the same recipe, backbone
+//! and seeds (a JSON file written by `tests/fixtures/train/pytorch_lesson.py`).
+//!
+//! ```text
+//! cargo run --features ndarray,wgpu --example compare_seeds -- \
+//!     --data ../shared/data/alien_vs_predator_thumbnails/data \
+//!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator.json
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::train::{TrainConfig, train};
+use clap::Parser;
+
+const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
+const DEFAULT_PREP: &str = "weights/mlnet-resnet18/ResNetPreprocess.onnx";
+
+/// Train the lesson's recipe for several seeds and compare the final
+/// validation accuracies with PyTorch's (same recipe, backbone and seeds).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Image folder with train/val (or entrenamiento/validacion) splits.
+    #[arg(long, env = "AVP_DATA")]
+    data: PathBuf,
+    /// PyTorch's results for the same recipe (JSON from
+    /// tests/fixtures/train/pytorch_lesson.py).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Backbone weights (default: the committed real ResNet18).
+    #[arg(long, env = "AVP_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
+    weights: PathBuf,
+    /// Preprocessing ONNX (default: the committed ResNet18's, with the
+    /// default weights).
+    #[arg(long, env = "AVP_PREP")]
+    prep: Option<PathBuf>,
+    /// Seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
+    seeds: Vec<u64>,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Epochs per run.
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Train without augmentation.
+    #[arg(long)]
+    no_augment: bool,
+    /// Train on cached backbone features (with --no-augment: one view).
+    #[arg(long)]
+    feature_cache: bool,
+    /// Augmented views per image in the feature cache.
+    #[arg(long, value_name = "K")]
+    cache_views: Option<usize>,
+    /// Output folder: one subfolder per seed, and results.json.
+    #[arg(long, default_value = "runs/compare_seeds")]
+    out: PathBuf,
+    /// Fail (exit 1) when any run's final validation accuracy is below this.
+    #[arg(long)]
+    floor: Option<f64>,
+    /// Fail when the mean is below this.
+    #[arg(long)]
+    min_mean: Option<f64>,
+    /// Fail when the mean is more than this below PyTorch's mean.
+    #[arg(long)]
+    max_gap: Option<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    runs: Vec<RefRun>,
+    #[serde(default)]
+    threads: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct RefRun {
+    seed: u64,
+    final_valid_acc: f64,
+    #[serde(default)]
+    wall_seconds: Option<f64>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !args.data.is_dir() {
+        bail!(
+            "no dataset at {}: pass --data DIR with train/val (or entrenamiento/validacion) splits",
+            args.data.display()
+        );
+    }
+    let reference: Option<Reference> = match &args.reference {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the reference {}", p.display()))?,
+            )
+            .with_context(|| format!("{} is not a pytorch_lesson.py result", p.display()))?,
+        ),
+        None => None,
+    };
+    let device = parse_device(&args.device)?;
+    let prep = args.prep.clone().or_else(|| {
+        (args.weights == Path::new(DEFAULT_WEIGHTS) && Path::new(DEFAULT_PREP).exists())
+            .then(|| PathBuf::from(DEFAULT_PREP))
+    });
+    let options = LoadOptions {
+        prep,
+        ..Default::default()
+    };
+    let weights = resolve_weights(
+        &args.weights.to_string_lossy(),
+        &device,
+        &DownloadOptions::default(),
+    )?;
+    let feature_cache = args.feature_cache || args.cache_views.is_some();
+    let mut rows = Vec::new();
+    for &seed in &args.seeds {
+        println!("\n=== seed {seed}");
+        let t = Instant::now();
+        let backbone = load_weights(&weights, &device, &options)
+            .with_context(|| format!("loading {}", args.weights.display()))?;
+        let config = TrainConfig::new()
+            .with_epochs(args.epochs)
+            .with_seed(seed)
+            .with_augment(!args.no_augment)
+            .with_feature_cache(feature_cache)
+            .with_cache_views(args.cache_views.unwrap_or(1));
+        let out = args.out.join(format!("seed-{seed}"));
+        // A finished run in the folder would be started afresh anyway; an
+        // interrupted one with the same settings resumes.
+        let outcome = train(backbone, &args.data, &out, &config, &device)?;
+        let acc = outcome
+            .epochs
+            .last()
+            .context("no epoch finished")?
+            .valid_acc;
+        rows.push((seed, acc, t.elapsed().as_secs_f64()));
+    }
+    let theirs = |seed: u64| {
+        reference
+            .as_ref()
+            .and_then(|r| r.runs.iter().find(|x| x.seed == seed))
+    };
+    let mode = match (args.no_augment, feature_cache) {
+        (true, true) => "no augmentation, feature cache".to_string(),
+        (true, false) => "no augmentation".to_string(),
+        (false, true) => format!(
+            "augmented, feature cache with {} views",
+            args.cache_views.unwrap_or(1)
+        ),
+        (false, false) => "augmented".to_string(),
+    };
+    println!(
+        "\nfinal-epoch validation accuracy, {} ({} epochs, {mode}), {} on {}",
+        args.data.display(),
+        args.epochs,
+        args.device,
+        std::env::consts::ARCH
+    );
+    println!("| seed | avp | PyTorch | avp time (s) | PyTorch time (s) |");
+    println!("|---:|---:|---:|---:|---:|");
+    let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
+    for &(seed, acc, secs) in &rows {
+        let r = theirs(seed);
+        println!(
+            "| {seed} | {acc:.3} | {} | {secs:.0} | {} |",
+            fmt(r.map(|r| r.final_valid_acc), 3),
+            fmt(r.and_then(|r| r.wall_seconds), 0)
+        );
+    }
+    let n = rows.len().max(1) as f64;
+    let mean = rows.iter().map(|r| r.1).sum::<f64>() / n;
+    let ref_accs: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| theirs(r.0).map(|x| x.final_valid_acc))
+        .collect();
+    let ref_mean = (ref_accs.len() == rows.len() && !rows.is_empty())
+        .then(|| ref_accs.iter().sum::<f64>() / n);
+    let time_mean = rows.iter().map(|r| r.2).sum::<f64>() / n;
+    println!(
+        "| mean | {mean:.3} | {} | {time_mean:.0} | {} |",
+        fmt(ref_mean, 3),
+        fmt(
+            reference.as_ref().map(
+                |r| r.runs.iter().filter_map(|x| x.wall_seconds).sum::<f64>()
+                    / r.runs.len().max(1) as f64
+            ),
+            0
+        )
+    );
+    if let Some(t) = reference.as_ref().and_then(|r| r.threads) {
+        println!("(PyTorch ran with {t} threads)");
+    }
+    let results = serde_json::json!({
+        "data": args.data,
+        "device": args.device,
+        "epochs": args.epochs,
+        "mode": mode,
+        "runs": rows.iter().map(|(s, a, t)| serde_json::json!({"seed": s, "final_valid_acc": a, "wall_seconds": t})).collect::<Vec<_>>(),
+        "mean_final_valid_acc": mean,
+        "reference_mean_final_valid_acc": ref_mean,
+    });
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!("results: {}", args.out.join("results.json").display());
+    let mut failures = Vec::new();
+    if let Some(floor) = args.floor {
+        for &(seed, acc, _) in &rows {
+            if acc < floor {
+                failures.push(format!("seed {seed}: {acc:.3} < floor {floor}"));
+            }
+        }
+    }
+    if let Some(m) = args.min_mean
+        && mean < m
+    {
+        failures.push(format!("mean {mean:.3} < {m}"));
+    }
+    if let (Some(gap), Some(r)) = (args.max_gap, ref_mean)
+        && mean < r - gap
+    {
+        failures.push(format!(
+            "mean {mean:.3} is more than {gap} below PyTorch's {r:.3}"
+        ));
+    }
+    if !failures.is_empty() {
+        bail!("below the bar: {}", failures.join("; "));
+    }
+    Ok(())
+}
