@@ -1,0 +1,78 @@
+//! Backbone inference speed on random input, as JSON lines: the Burn side
+//! of `benches/compare_pytorch.py` (criterion's `benches/backbone.rs`
+//! measures the same thing with statistics, for humans).
+//!
+//! ```text
+//! cargo run --example speed -- --weights resnet50.pth --batch 1,8,32
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use burn::tensor::{Distribution, Tensor};
+use clap::Parser;
+
+/// Time a backbone's forward pass (pooled features) on random images.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Weights file (or a known name).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    batch: Vec<usize>,
+    /// Timed batches per size (after one warm-up batch).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let file = resolve_weights(
+        &args.weights.to_string_lossy(),
+        &device,
+        &DownloadOptions::default(),
+    )?;
+    let net = load_weights(&file, &device, &LoadOptions::default())
+        .with_context(|| format!("loading {}", file.display()))?;
+    let model = net.model.with_fc(None);
+    for &batch in &args.batch {
+        let x = Tensor::<4>::random(
+            [batch, 3, 224, 224],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        // Warm-up: allocations, kernel selection, caches.
+        let _ = model.forward_features(x.clone()).into_data();
+        let t = Instant::now();
+        for _ in 0..args.iters {
+            let _ = model.forward_features(x.clone()).into_data();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let line = serde_json::json!({
+            "mode": "inference",
+            "backbone": net.config.describe(),
+            "device": args.device,
+            "batch": batch,
+            "iters": args.iters,
+            "images_per_second": (batch * args.iters) as f64 / secs,
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
