@@ -1,4 +1,6 @@
-//! Backbone inference speed on random input, as JSON lines: the Burn side
+//! Backbone inference speed on random input, BatchNorm as stored and then
+//! folded into the convolutions (measured one after the other in the same
+//! process), as JSON lines: the Burn side
 //! of `benches/compare_pytorch.py` (criterion's `benches/backbone.rs`
 //! measures the same thing with statistics, for humans).
 //!
@@ -49,8 +51,13 @@ fn main() -> Result<()> {
     )?;
     let net = load_weights(&file, &device, &LoadOptions::default())
         .with_context(|| format!("loading {}", file.display()))?;
-    let model = net.model.with_fc(None);
-    for &batch in &args.batch {
+    let plain = net.model.with_fc(None);
+    let folded = plain.fold_batchnorm();
+    for (&batch, (bn, model)) in args
+        .batch
+        .iter()
+        .flat_map(|b| [(b, ("unfolded", &plain)), (b, ("folded", &folded))])
+    {
         let x = Tensor::<4>::random(
             [batch, 3, 224, 224],
             Distribution::Normal(0.0, 1.0),
@@ -68,6 +75,7 @@ fn main() -> Result<()> {
             "backbone": net.config.describe(),
             "device": args.device,
             "batch": batch,
+            "batchnorm": bn,
             "iters": args.iters,
             "images_per_second": (batch * args.iters) as f64 / secs,
             "peak_rss_mb": peak_rss_mb(),

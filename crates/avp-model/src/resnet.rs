@@ -11,7 +11,7 @@
 //! pool may be a fixed window instead of a global pool.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -243,6 +243,7 @@ impl ResNetConfig {
             layer4: next(),
             fc,
             final_pool_window: self.final_pool_window,
+            batchnorm_folded: false,
         }
     }
 
@@ -334,10 +335,15 @@ pub enum BatchNormUse {
     /// as PyTorch's `model.train()` does (momentum 0.1, unbiased variance),
     /// whatever the device. The frozen-backbone "lesson" mode.
     BatchStatistics,
+    /// No BatchNorm pass: the layers were folded into the convolutions
+    /// before them ([`ResNet::fold_batchnorm`]). A folded network uses
+    /// this whatever it is asked.
+    Folded,
 }
 
 fn batch_norm(bn: &BatchNorm, x: Tensor<4>, mode: BatchNormUse) -> Tensor<4> {
     match mode {
+        BatchNormUse::Folded => x,
         BatchNormUse::Module => bn.forward(x),
         BatchNormUse::BatchStatistics => {
             let [n, _, h, w] = x.dims();
@@ -416,6 +422,29 @@ pub struct ResNet {
     /// See [`ResNetConfig::final_pool_window`].
     #[module(skip)]
     pub final_pool_window: Option<usize>,
+    /// Whether every BatchNorm is folded into its convolution (an
+    /// inference-only copy made by [`ResNet::fold_batchnorm`]).
+    #[module(skip)]
+    pub batchnorm_folded: bool,
+}
+
+/// `conv` followed by `bn` (running statistics) as one convolution with a
+/// bias: `w' = w·γ/√(σ²+ε)`, `b' = (b − μ)·γ/√(σ²+ε) + β`.
+fn fold_into(conv: &Conv2d, bn: &BatchNorm) -> Conv2d {
+    let var = bn.running_var.value_sync();
+    let mean = bn.running_mean.value_sync();
+    let scale = bn.gamma.val().div(var.add_scalar(bn.epsilon).sqrt());
+    let [c] = scale.dims();
+    let weight = conv.weight.val().mul(scale.clone().reshape([c, 1, 1, 1]));
+    let bias = match &conv.bias {
+        Some(b) => b.val(),
+        None => Tensor::zeros([c], &scale.device()),
+    };
+    let bias = bias.sub(mean).mul(scale).add(bn.beta.val());
+    let mut folded = conv.clone();
+    folded.weight = Param::from_tensor(weight);
+    folded.bias = Some(Param::from_tensor(bias));
+    folded
 }
 
 impl ResNet {
@@ -426,6 +455,11 @@ impl ResNet {
 
     /// [`ResNet::forward_feature_map`] with a choice of BatchNorm statistics.
     pub fn forward_feature_map_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        let bn = if self.batchnorm_folded {
+            BatchNormUse::Folded
+        } else {
+            bn
+        };
         let x = relu(batch_norm(&self.bn1, self.conv1.forward(images), bn));
         let mut x = self.maxpool.forward(x);
         for block in self
@@ -438,6 +472,37 @@ impl ResNet {
             x = block.forward_with(x, bn);
         }
         x
+    }
+
+    /// An inference copy with every BatchNorm folded into the convolution
+    /// before it (running statistics): the same function up to float
+    /// rounding, with one pass over memory fewer per layer. Its BatchNorm
+    /// modules are kept (untouched) but no longer run, so it cannot use
+    /// batch statistics; train or save the original.
+    pub fn fold_batchnorm(&self) -> ResNet {
+        if self.batchnorm_folded {
+            return self.clone();
+        }
+        let mut m = self.clone();
+        m.conv1 = fold_into(&self.conv1, &self.bn1);
+        for block in m
+            .layer1
+            .iter_mut()
+            .chain(m.layer2.iter_mut())
+            .chain(m.layer3.iter_mut())
+            .chain(m.layer4.iter_mut())
+        {
+            block.conv1 = fold_into(&block.conv1, &block.bn1);
+            block.conv2 = fold_into(&block.conv2, &block.bn2);
+            if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
+                block.conv3 = Some(fold_into(conv3, bn3));
+            }
+            if let Some(ds) = &mut block.downsample {
+                ds.conv = fold_into(&ds.conv, &ds.bn);
+            }
+        }
+        m.batchnorm_folded = true;
+        m.no_grad()
     }
 
     /// The headless backbone: globally average-pooled features `[N, F]`.

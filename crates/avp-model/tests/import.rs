@@ -94,6 +94,16 @@ fn every_fixture_imports_with_the_built_architecture_and_matches_onnxruntime() {
         let (_, reference) = npy::read_f32(&fixtures().join(format!("{name}.output.npy"))).unwrap();
         let err = rel_err(&ours, &reference);
         assert!(err <= 1e-4, "{name}: relative error {err} > 1e-4");
+        // BatchNorm folded into the convolutions: the same function.
+        let folded = loaded.model.fold_batchnorm();
+        assert!(folded.batchnorm_folded);
+        let ours = run(
+            &folded,
+            &fixtures().join(format!("{name}.input.npy")),
+            &device,
+        );
+        let err = rel_err(&ours, &reference);
+        assert!(err <= 1e-4, "{name} folded: relative error {err} > 1e-4");
     }
 }
 

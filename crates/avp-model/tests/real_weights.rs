@@ -123,6 +123,15 @@ fn real_resnet18_matches_onnxruntime_on_eight_photos_at_once() {
         8,
     );
     assert!(err <= 1e-4, "relative error {err}");
+    // With its 22 BatchNorm layers folded into the convolutions.
+    let err = error_against(
+        &loaded.model.fold_batchnorm(),
+        &dir,
+        "mlnet_photos.input.npy",
+        "mlnet_photos.output.npy",
+        8,
+    );
+    assert!(err <= 1e-4, "folded: relative error {err}");
 }
 
 #[test]

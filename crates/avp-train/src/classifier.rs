@@ -159,6 +159,10 @@ pub struct Classifier {
     /// The frozen backbone, on the inner (non-autodiff) device.
     #[module(skip)]
     pub backbone: FrozenBackbone,
+    /// In [`BnMode::Frozen`], the backbone with its BatchNorm folded into
+    /// the convolutions ([`ResNet::fold_batchnorm`]): what actually runs.
+    #[module(skip)]
+    pub folded: Option<FrozenBackbone>,
     /// BatchNorm behaviour while training.
     #[module(skip)]
     pub bn_mode: BnMode,
@@ -177,8 +181,11 @@ impl Classifier {
                 head.features()
             )));
         }
+        let folded = (bn_mode == BnMode::Frozen)
+            .then(|| FrozenBackbone(Arc::new(backbone.fold_batchnorm())));
         Ok(Self {
             head,
+            folded,
             backbone: FrozenBackbone(Arc::new(backbone.no_grad())),
             bn_mode,
             totals: Arc::new(Mutex::new(EpochTotals::default())),
@@ -200,7 +207,11 @@ impl Classifier {
             (BnMode::Lesson, true) => BatchNormUse::BatchStatistics,
             _ => BatchNormUse::Module,
         };
-        let f = self.backbone.0.forward_features_with(x, bn);
+        let net = match &self.folded {
+            Some(f) => &f.0,
+            None => &self.backbone.0,
+        };
+        let f = net.forward_features_with(x, bn);
         if on_tape { f.autodiff() } else { f }
     }
 
