@@ -123,10 +123,12 @@ def main():
         r = {"row": name, "what": what, "kind": kind, "burn_seconds": bs, "pytorch_seconds": ts,
              "burn_rss_mb": brss, "pytorch_rss_mb": trss}
         if kind == "inference":
-            r["burn_images_per_second"] = last_json(bout)["images_per_second"]
+            burn = {j["batchnorm"]: j["images_per_second"] for j in map(json.loads, filter(lambda l: l.startswith("{"), bout.splitlines()))}
+            r["burn_images_per_second"] = burn["folded"]
+            r["burn_unfolded_images_per_second"] = burn["unfolded"]
             r["pytorch_images_per_second"] = last_json(tout)["images_per_second"]
             r["ratio"] = r["burn_images_per_second"] / r["pytorch_images_per_second"]
-            print(f"  Burn {r['burn_images_per_second']:.2f} img/s, PyTorch {r['pytorch_images_per_second']:.2f} img/s: "
+            print(f"  Burn {r['burn_images_per_second']:.2f} img/s (BatchNorm folded; {burn['unfolded']:.2f} unfolded), PyTorch {r['pytorch_images_per_second']:.2f} img/s: "
                   f"{r['ratio']:.2f}x PyTorch's throughput", flush=True)
         else:
             r["burn_accuracy"] = final_acc(bout)

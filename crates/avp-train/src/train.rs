@@ -303,20 +303,34 @@ fn checkpoint_complete(out_dir: &Path, epoch: usize) -> bool {
     })
 }
 
+/// What a run trains on besides its configuration: the backbone's
+/// SHA-256 and the data folder, as written to `run.json`.
+fn run_identity(weights_sha256: &str, root: &Path) -> serde_json::Value {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    serde_json::json!({ "weights_sha256": weights_sha256, "data": root })
+}
+
 /// The epoch an interrupted run in `out_dir` can resume after: the run
 /// did not finish (no `model.bpk`), was started with the same
-/// configuration, and left a complete checkpoint and its metrics for that
-/// epoch.
-pub fn resume_point(out_dir: &Path, config: &TrainConfig) -> Option<usize> {
+/// configuration, backbone (`weights_sha256`) and data folder, and left a
+/// complete checkpoint and its metrics for that epoch.
+pub fn resume_point(
+    out_dir: &Path,
+    config: &TrainConfig,
+    weights_sha256: &str,
+    root: &Path,
+) -> Option<usize> {
     if out_dir.join("model.bpk").exists() {
         return None;
     }
-    let saved = std::fs::read_to_string(out_dir.join("config.json")).ok()?;
-    let saved: serde_json::Value = serde_json::from_str(&saved).ok()?;
-    let ours = serde_json::to_value(config).ok()?;
-    if saved != ours {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join(f)).ok()?).ok()
+    };
+    let (saved, identity) = (read("config.json")?, read("run.json")?);
+    if saved != serde_json::to_value(config).ok()? || identity != run_identity(weights_sha256, root)
+    {
         println!(
-            "{} holds an unfinished run with another configuration; starting afresh",
+            "{} holds an unfinished run with another configuration, backbone or data folder; starting afresh",
             out_dir.display()
         );
         return None;
@@ -478,7 +492,8 @@ pub fn train_with(
     backbone.model.check_input_size(224, 224)?;
     let classes = train_folder.classes.clone();
     std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
-    let resume = resume_point(out_dir, config);
+    let identity = run_identity(&backbone.provenance.sha256, root);
+    let resume = resume_point(out_dir, config, &backbone.provenance.sha256, root);
     let csv = out_dir.join("metrics.csv");
     let done = match resume {
         Some(epoch) => {
@@ -497,6 +512,8 @@ pub fn train_with(
             config
                 .save(out_dir.join("config.json"))
                 .map_err(|e| write_err(&out_dir.join("config.json"), e))?;
+            std::fs::write(out_dir.join("run.json"), identity.to_string())
+                .map_err(|e| write_err(&out_dir.join("run.json"), e))?;
             Vec::new()
         }
     };

@@ -9,7 +9,9 @@ use std::time::Duration;
 use avp_data::{ImageDataset, ImageFolder, OpenOptions, Pipeline, Split};
 use avp_model::parse_device;
 use avp_train::cache::{BackboneId, FeatureJob, features};
-use avp_train::{BnMode, CacheOrigin, TrainConfig, data_normalize, read_metrics_csv, train};
+use avp_train::{
+    BnMode, CacheOrigin, TrainConfig, data_normalize, read_metrics_csv, resume_point, train,
+};
 use burn::data::dataloader::DataLoader;
 use burn::tensor::{Tensor, TensorData};
 
@@ -298,6 +300,15 @@ fn a_killed_run_resumes_after_its_last_finished_epoch() {
 
     let device = parse_device("flex").unwrap();
     let config = resume_config();
+    // Only the same configuration, backbone and data resume.
+    let sha = tiny_backbone(&device).provenance.sha256;
+    assert!(resume_point(&out, &config, &sha, &data).is_some());
+    assert_eq!(resume_point(&out, &config, &"0".repeat(64), &data), None);
+    assert_eq!(resume_point(&out, &config, &sha, &s.0), None);
+    assert_eq!(
+        resume_point(&out, &config.clone().with_lr(1e-4), &sha, &data),
+        None
+    );
     let resumed = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
     let k = resumed.resumed_after.expect("the run should resume");
     assert!((2..4).contains(&k), "resumed after epoch {k}");
