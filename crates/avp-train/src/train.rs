@@ -397,7 +397,9 @@ where
         phase_started: Instant::now(),
         phase_seconds: (0.0, 0.0),
     };
-    let learner = Learner::new(model, AdamConfig::new().init(), run.config.lr);
+    // PyTorch's Adam: betas 0.9/0.999 and epsilon 1e-8 (Burn's default epsilon is 1e-5).
+    let adam = AdamConfig::new().with_epsilon(1e-8);
+    let learner = Learner::new(model, adam.init(), run.config.lr);
     let mut training = SupervisedTraining::new(run.out_dir, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .num_epochs(run.config.epochs)
