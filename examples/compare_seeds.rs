@@ -83,6 +83,16 @@ struct RefRun {
     final_valid_acc: f64,
     #[serde(default)]
     wall_seconds: Option<f64>,
+    #[serde(default)]
+    epochs: Vec<RefEpoch>,
+}
+
+#[derive(serde::Deserialize)]
+struct RefEpoch {
+    train_loss: f64,
+    train_acc: f64,
+    valid_loss: f64,
+    valid_acc: f64,
 }
 
 fn main() -> Result<()> {
@@ -119,6 +129,7 @@ fn main() -> Result<()> {
     )?;
     let feature_cache = args.feature_cache || args.cache_views.is_some();
     let mut rows = Vec::new();
+    let mut curves = Vec::new();
     for &seed in &args.seeds {
         println!("\n=== seed {seed}");
         let t = Instant::now();
@@ -140,6 +151,7 @@ fn main() -> Result<()> {
             .context("no epoch finished")?
             .valid_acc;
         rows.push((seed, acc, t.elapsed().as_secs_f64()));
+        curves.push(outcome.epochs);
     }
     let theirs = |seed: u64| {
         reference
@@ -195,6 +207,38 @@ fn main() -> Result<()> {
     );
     if let Some(t) = reference.as_ref().and_then(|r| r.threads) {
         println!("(PyTorch ran with {t} threads)");
+    }
+    // The learning curves, averaged over the seeds, next to PyTorch's.
+    let theirs_runs: Vec<&RefRun> = rows.iter().filter_map(|r| theirs(r.0)).collect();
+    if theirs_runs.len() == rows.len() && !rows.is_empty() {
+        println!("\nmean over the seeds, per epoch (PyTorch / avp):");
+        println!("| epoch | train loss | train accuracy | validation loss | validation accuracy |");
+        println!("|---:|---|---|---|---|");
+        for e in 0..args.epochs {
+            let ours = |f: fn(&avp::train::EpochMetrics) -> f64| {
+                curves.iter().filter_map(|c| c.get(e)).map(f).sum::<f64>() / n
+            };
+            let pt = |f: fn(&RefEpoch) -> f64| {
+                theirs_runs
+                    .iter()
+                    .filter_map(|r| r.epochs.get(e))
+                    .map(f)
+                    .sum::<f64>()
+                    / n
+            };
+            println!(
+                "| {} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} |",
+                e + 1,
+                pt(|m| m.train_loss),
+                ours(|m| m.train_loss),
+                pt(|m| m.train_acc),
+                ours(|m| m.train_acc),
+                pt(|m| m.valid_loss),
+                ours(|m| m.valid_loss),
+                pt(|m| m.valid_acc),
+                ours(|m| m.valid_acc),
+            );
+        }
     }
     let results = serde_json::json!({
         "data": args.data,
