@@ -68,11 +68,6 @@ def run(cmd, env_extra=None, log=None):
     return secs, usage.ru_maxrss / 1024.0, text
 
 
-def last_json(text):
-    lines = [l for l in text.splitlines() if l.startswith("{")]
-    return json.loads(lines[-1])
-
-
 def final_acc(text):
     m = re.findall(r"final validation accuracy: ([0-9.]+)", text)
     return float(m[-1]) if m else None
@@ -99,14 +94,17 @@ def main():
     if not args.no_build:
         subprocess.run(["cargo", "build", "-q", "--features", "ndarray,wgpu", "--examples"], cwd=ROOT, check=True)
 
-    import torch
-    import torchvision
-
-    # Random ResNet50 weights, the same file for both sides' architecture.
+    # The runner itself stays small and never imports torch: a child's peak
+    # RSS as the kernel reports it includes the parent's at fork time.
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    # Random ResNet50 weights (torchvision's architecture) for the Burn side.
     r50 = os.path.join(args.work, "resnet50-random.pth")
     if not os.path.exists(r50):
-        torch.manual_seed(0)
-        torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
+        subprocess.run([sys.executable, "-c",
+                        "import sys, torch, torchvision; torch.manual_seed(0); "
+                        "torch.save(torchvision.models.resnet50(weights=None).state_dict(), sys.argv[1])", r50],
+                       check=True)
 
     threads = str(args.threads)
     burn_env = {"RAYON_NUM_THREADS": threads}
@@ -126,7 +124,7 @@ def main():
             burn = {j["batchnorm"]: j["images_per_second"] for j in map(json.loads, filter(lambda l: l.startswith("{"), bout.splitlines()))}
             r["burn_images_per_second"] = burn["folded"]
             r["burn_unfolded_images_per_second"] = burn["unfolded"]
-            r["pytorch_images_per_second"] = last_json(tout)["images_per_second"]
+            r["pytorch_images_per_second"] = json.load(open(os.path.join(args.work, f"{name}.pytorch.json")))["images_per_second"]
             r["ratio"] = r["burn_images_per_second"] / r["pytorch_images_per_second"]
             print(f"  Burn {r['burn_images_per_second']:.2f} img/s (BatchNorm folded; {burn['unfolded']:.2f} unfolded), PyTorch {r['pytorch_images_per_second']:.2f} img/s: "
                   f"{r['ratio']:.2f}x PyTorch's throughput", flush=True)
@@ -167,7 +165,7 @@ def main():
                 + (["--feature-cache", "--no-augment"] if cache else []),
                 "training")
 
-    print(f"\nBurn ({args.device}) vs PyTorch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, "
+    print(f"\nBurn ({args.device}) vs PyTorch {torch_version}, {threads} threads, {os.cpu_count()} cores, "
           f"{args.epochs} epochs, data {os.path.relpath(args.data, ROOT)}")
     print("| row | Burn | PyTorch | Burn / PyTorch | Burn peak RSS | PyTorch peak RSS |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -185,7 +183,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"threads": args.threads, "device": args.device, "epochs": args.epochs,
-                       "torch": torch.__version__, "rows": results}, f, indent=1)
+                       "torch": torch_version, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,19 @@
 //! cargo run --example alien_vs_predator -- --help
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use avp::data::decode_rgb8;
-use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::model::parse_device;
 use avp::train::{BnMode, TrainConfig, train};
 use clap::{Parser, ValueEnum};
 
+mod common;
+use common::{DEFAULT_WEIGHTS, load_backbone};
+
+/// The lesson's photos, committed.
 const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
-const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
-const DEFAULT_PREP: &str = "weights/mlnet-resnet18/ResNetPreprocess.onnx";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BnArg {
@@ -102,21 +104,7 @@ fn main() -> Result<()> {
         );
     }
     let device = parse_device(&args.device)?;
-    let prep = args.prep.clone().or_else(|| {
-        (args.weights == Path::new(DEFAULT_WEIGHTS) && Path::new(DEFAULT_PREP).exists())
-            .then(|| PathBuf::from(DEFAULT_PREP))
-    });
-    let options = LoadOptions {
-        prep,
-        ..Default::default()
-    };
-    let weights = resolve_weights(
-        &args.weights.to_string_lossy(),
-        &device,
-        &DownloadOptions::default(),
-    )?;
-    let backbone = load_weights(&weights, &device, &options)
-        .with_context(|| format!("loading the backbone {}", args.weights.display()))?;
+    let backbone = load_backbone(&args.weights, args.prep.as_deref(), &device)?;
     println!("backbone: {}", backbone.config.describe());
     println!("input:    {}", backbone.normalization.describe());
     let config = TrainConfig::new()

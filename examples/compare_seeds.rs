@@ -8,16 +8,16 @@
 //!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator.json
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::model::parse_device;
 use avp::train::{TrainConfig, train};
 use clap::Parser;
 
-const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
-const DEFAULT_PREP: &str = "weights/mlnet-resnet18/ResNetPreprocess.onnx";
+mod common;
+use common::{DEFAULT_WEIGHTS, load_backbone};
 
 /// Train the lesson's recipe for several seeds and compare the final
 /// validation accuracies with PyTorch's (same recipe, backbone and seeds).
@@ -114,27 +114,13 @@ fn main() -> Result<()> {
         None => None,
     };
     let device = parse_device(&args.device)?;
-    let prep = args.prep.clone().or_else(|| {
-        (args.weights == Path::new(DEFAULT_WEIGHTS) && Path::new(DEFAULT_PREP).exists())
-            .then(|| PathBuf::from(DEFAULT_PREP))
-    });
-    let options = LoadOptions {
-        prep,
-        ..Default::default()
-    };
-    let weights = resolve_weights(
-        &args.weights.to_string_lossy(),
-        &device,
-        &DownloadOptions::default(),
-    )?;
     let feature_cache = args.feature_cache || args.cache_views.is_some();
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for &seed in &args.seeds {
         println!("\n=== seed {seed}");
         let t = Instant::now();
-        let backbone = load_weights(&weights, &device, &options)
-            .with_context(|| format!("loading {}", args.weights.display()))?;
+        let backbone = load_backbone(&args.weights, args.prep.as_deref(), &device)?;
         let config = TrainConfig::new()
             .with_epochs(args.epochs)
             .with_seed(seed)

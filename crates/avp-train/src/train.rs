@@ -536,6 +536,14 @@ pub fn train_with(
     let weights_sha256 = backbone.provenance.sha256.clone();
     let backbone_model = backbone.model.with_fc(None);
     let start_epoch = resume.unwrap_or(0) as u64;
+    let run = |totals| Run {
+        out_dir,
+        config,
+        strategy,
+        resume,
+        totals,
+        done,
+    };
     let (model, epochs, cache) = if config.feature_cache {
         let dir = config
             .cache_dir
@@ -584,15 +592,12 @@ pub fn train_with(
             FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
         train_loader.set_epoch(start_epoch);
         let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
-        let run = Run {
-            out_dir,
-            config,
-            strategy,
-            resume,
-            totals,
-            done,
-        };
-        let (trained, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run);
+        let (trained, epochs) = launch(
+            model,
+            Arc::new(train_loader),
+            Arc::new(valid_loader),
+            run(totals),
+        );
         let model = Classifier::new(backbone_model, trained.head, config.bn_mode)?;
         (model, epochs, Some(origin))
     } else {
@@ -604,15 +609,12 @@ pub fn train_with(
         let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
         train_loader.set_epoch(start_epoch);
         let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
-        let run = Run {
-            out_dir,
-            config,
-            strategy,
-            resume,
-            totals,
-            done,
-        };
-        let (model, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run);
+        let (model, epochs) = launch(
+            model,
+            Arc::new(train_loader),
+            Arc::new(valid_loader),
+            run(totals),
+        );
         (model, epochs, None)
     };
     let outcome = TrainOutcome {
