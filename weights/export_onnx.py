@@ -42,6 +42,8 @@ def main():
         out,
         dynamo=False,
         opset_version=args.opset,
+        do_constant_folding=True,
+        keep_initializers_as_inputs=False,
         input_names=["input"],
         output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

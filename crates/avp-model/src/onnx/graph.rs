@@ -44,6 +44,25 @@ impl<'a> Graph<'a> {
                 }
             }
         }
+        // Exporters deduplicate equal initializers and hand the copies out
+        // through `Identity` nodes (torch.onnx does for equal folded
+        // biases): such an output is the same constant.
+        for _ in 0..g.node.len() {
+            let mut changed = false;
+            for n in &g.node {
+                if n.op_type == "Identity"
+                    && let (Some(i), Some(o)) = (n.input.first(), n.output.first())
+                    && !consts.contains_key(o.as_str())
+                    && let Some(t) = consts.get(i.as_str()).copied()
+                {
+                    consts.insert(o.as_str(), t);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
         Graph {
             path,
             nodes: &g.node,
