@@ -19,7 +19,7 @@ pub use dataset::{ImageBatch, ImageBatcher, ImageDataset, ImageItem};
 pub use decode::{decode_rgb8, decode_rgb8_bytes};
 pub use error::DataError;
 pub use folder::{IMG_EXTENSIONS, ImageFolder, OpenOptions, Sample, Skipped, Split};
-pub use loader::OrderedLoader;
+pub use loader::{OrderedLoader, epoch_order};
 pub use transform::{
     AffineParams, Channels, Normalize, Pipeline, RandomAffine, RandomHorizontalFlip, Resize, Rng,
     affine, inverse_affine_matrix,

@@ -58,16 +58,7 @@ impl<D: Dataset<ImageItem> + 'static> OrderedLoader<D> {
 
     /// The order of the items in `epoch`.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut idx: Vec<usize> = (self.range.0..self.range.1).collect();
-        if let Some(seed) = self.shuffle {
-            let mut rng = Rng::for_item(seed, epoch, u64::MAX);
-            // Fisher-Yates.
-            for i in (1..idx.len()).rev() {
-                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-                idx.swap(i, j);
-            }
-        }
-        idx
+        epoch_order(self.range, self.shuffle, epoch)
     }
 
     fn batch(dataset: &D, indices: &[usize], device: &Device) -> Result<ImageBatch, DatasetError> {
@@ -75,6 +66,20 @@ impl<D: Dataset<ImageItem> + 'static> OrderedLoader<D> {
             indices.par_iter().map(|&i| dataset.get(i)).collect();
         Ok(ImageBatcher::stack(&items?, device))
     }
+}
+
+/// The indices `range.0..range.1` in the order of `epoch`: as they are
+/// without a seed, shuffled (Fisher-Yates) from `(seed, epoch)` with one.
+pub fn epoch_order(range: (usize, usize), shuffle: Option<u64>, epoch: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (range.0..range.1).collect();
+    if let Some(seed) = shuffle {
+        let mut rng = Rng::for_item(seed, epoch, u64::MAX);
+        for i in (1..idx.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            idx.swap(i, j);
+        }
+    }
+    idx
 }
 
 struct OrderedIter {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, UNIX_EPOCH};
 
-use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng};
+use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
 use avp_model::{Normalization, ResNet, ResNetConfig, sha256_hex};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
@@ -503,14 +503,7 @@ impl DataLoaderIterator<FeatureBatch> for FeatureIter {
 impl DataLoader<FeatureBatch> for FeatureLoader {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<FeatureBatch> + 'a> {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst);
-        let mut order: Vec<usize> = (self.range.0..self.range.1).collect();
-        if let Some(seed) = self.shuffle {
-            let mut rng = Rng::for_item(seed, epoch, u64::MAX);
-            for i in (1..order.len()).rev() {
-                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-                order.swap(i, j);
-            }
-        }
+        let order = epoch_order(self.range, self.shuffle, epoch);
         let w = self.table.width;
         let batches: Vec<FeatureBatch> = order
             .chunks(self.batch_size)
