@@ -1,6 +1,8 @@
-//! Backbone inference speed on random input, BatchNorm as stored and then
-//! folded into the convolutions (measured one after the other in the same
-//! process), as JSON lines: the Burn side
+//! Backbone inference speed on random input, measured one after the other
+//! in the same process: BatchNorm as stored, BatchNorm folded into the
+//! convolutions (Burn's kernels), and, on flex, the folded network's fused
+//! NHWC path (`avp_model::fused`, what frozen training and the feature
+//! cache run). JSON lines, keys `batchnorm` and `kernels`: the Burn side
 //! of `benches/compare_pytorch.py` (criterion's `benches/backbone.rs`
 //! measures the same thing with statistics, for humans).
 //!
@@ -52,11 +54,16 @@ fn main() -> Result<()> {
     let net = load_weights(&file, &device, &LoadOptions::default())
         .with_context(|| format!("loading {}", file.display()))?;
     let plain = net.model.with_fc(None);
-    let folded = plain.fold_batchnorm();
-    for (&batch, (bn, model)) in args
+    let fused = plain.fold_batchnorm();
+    let folded = fused.clone().unfused();
+    let mut variants = vec![("unfolded", "burn", &plain), ("folded", "burn", &folded)];
+    if fused.fused().is_some() {
+        variants.push(("folded", "fused", &fused));
+    }
+    for (&batch, &(bn, kernels, model)) in args
         .batch
         .iter()
-        .flat_map(|b| [(b, ("unfolded", &plain)), (b, ("folded", &folded))])
+        .flat_map(|b| variants.iter().map(move |v| (b, v)))
     {
         let x = Tensor::<4>::random(
             [batch, 3, 224, 224],
@@ -76,6 +83,7 @@ fn main() -> Result<()> {
             "device": args.device,
             "batch": batch,
             "batchnorm": bn,
+            "kernels": kernels,
             "iters": args.iters,
             "images_per_second": (batch * args.iters) as f64 / secs,
             "peak_rss_mb": peak_rss_mb(),

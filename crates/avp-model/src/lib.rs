@@ -27,6 +27,7 @@ mod device;
 pub mod download;
 mod error;
 mod fill;
+pub mod fused;
 pub mod normalization;
 pub mod npy;
 pub mod onnx;
@@ -38,6 +39,7 @@ pub use device::{DEVICE_NAMES, compiled_backends, parse_device};
 pub use download::{DownloadOptions, resolve_weights};
 pub use error::ModelError;
 pub use fill::fill;
+pub use fused::FusedResNet;
 pub use normalization::{ChannelOrder, Normalization, NormalizationSource, ValueRange};
 pub use resnet::{
     BatchNormUse, Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,

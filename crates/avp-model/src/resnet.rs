@@ -17,8 +17,10 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
+use std::sync::Arc;
 
 use crate::error::ModelError;
+use crate::fused::{FusedResNet, is_flex};
 
 /// The residual block kind.
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -244,6 +246,7 @@ impl ResNetConfig {
             fc,
             final_pool_window: self.final_pool_window,
             batchnorm_folded: false,
+            fused: None,
         }
     }
 
@@ -426,6 +429,11 @@ pub struct ResNet {
     /// inference-only copy made by [`ResNet::fold_batchnorm`]).
     #[module(skip)]
     pub batchnorm_folded: bool,
+    /// The fused NHWC inference form of a folded network on the flex
+    /// device ([`crate::fused`]), built by [`ResNet::fold_batchnorm`] and
+    /// used by [`ResNet::forward_features`] for flex inputs.
+    #[module(skip)]
+    pub fused: Option<Arc<FusedResNet>>,
 }
 
 /// `conv` followed by `bn` (running statistics) as one convolution with a
@@ -479,6 +487,13 @@ impl ResNet {
     /// rounding, with one pass over memory fewer per layer. Its BatchNorm
     /// modules are kept (untouched) but no longer run, so it cannot use
     /// batch statistics; train or save the original.
+    ///
+    /// On the flex device the copy also carries the fused NHWC form of the
+    /// network ([`crate::fused`]): convolution, bias, shortcut and ReLU in
+    /// one pass, weights packed once. [`ResNet::forward_features`] uses it
+    /// for flex inputs. It is a snapshot of the weights at folding time;
+    /// `AVP_FUSED=0` in the environment (or [`ResNet::unfused`]) keeps
+    /// Burn's own kernels.
     pub fn fold_batchnorm(&self) -> ResNet {
         if self.batchnorm_folded {
             return self.clone();
@@ -502,7 +517,24 @@ impl ResNet {
             }
         }
         m.batchnorm_folded = true;
-        m.no_grad()
+        let mut m = m.no_grad();
+        let wanted = std::env::var("AVP_FUSED").map_or(true, |v| v.trim() != "0");
+        if wanted && is_flex(&m.conv1.weight.device()) {
+            m.fused = FusedResNet::from_folded(&m).map(Arc::new);
+        }
+        m
+    }
+
+    /// The fused inference form, when [`ResNet::fold_batchnorm`] built one.
+    pub fn fused(&self) -> Option<&FusedResNet> {
+        self.fused.as_deref()
+    }
+
+    /// This network without its fused form: forward passes run through
+    /// Burn's modules (to compare the two, or to rule the fused path out).
+    pub fn unfused(mut self) -> Self {
+        self.fused = None;
+        self
     }
 
     /// The headless backbone: globally average-pooled features `[N, F]`.
@@ -512,6 +544,13 @@ impl ResNet {
 
     /// [`ResNet::forward_features`] with a choice of BatchNorm statistics.
     pub fn forward_features_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
+        if let Some(fused) = &self.fused
+            && self.batchnorm_folded
+            && is_flex(&images.device())
+            && let Some(features) = fused.forward_features(images.clone())
+        {
+            return features;
+        }
         let map = self.forward_feature_map_with(images, bn);
         let [n, c, _, _] = map.dims();
         map.mean_dims(&[2, 3]).reshape([n, c])
