@@ -11,6 +11,12 @@ Rows (--rows, comma-separated; default: all):
   infer50-b1, infer50-b8, infer50-b32
               ResNet50 backbone forward on random 224x224 input, images/s
               (Burn: examples/speed.rs; PyTorch: pytorch_lesson.py --bench-inference).
+              Burn's number is the fused path on flex (what frozen training
+              and the feature cache run); the JSON also has Burn's own
+              kernels, BatchNorm folded and not.
+  infer50-b8-ndarray, infer50-b8-wgpu
+              the same at batch 8 on another Burn backend (wgpu only on
+              request: time it on a machine with a GPU).
   lesson18    the lesson with the real ResNet18 (BatchNorm frozen, augmented,
               5 epochs, batch 32) on the lesson's photos; PyTorch runs the
               backbone in onnxruntime (it is an ONNX file), the head in torch.
@@ -45,7 +51,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, ".."))
 PYTORCH = os.path.join(ROOT, "tests", "fixtures", "train", "pytorch_lesson.py")
 EXAMPLES = os.path.join(ROOT, "target", "debug", "examples")
-ALL_ROWS = ["infer50-b1", "infer50-b8", "infer50-b32", "lesson18", "cache18", "lesson50", "lesson50bn", "cache50"]
+ALL_ROWS = ["infer50-b1", "infer50-b8", "infer50-b32", "infer50-b8-ndarray",
+            "lesson18", "cache18", "lesson50", "lesson50bn", "cache50"]
+# Not in the default set: wgpu is timed only on a real GPU (here it would be
+# lavapipe, Mesa's CPU emulation of Vulkan, which tests correctness only).
+EXTRA_ROWS = ["infer50-b8-wgpu"]
 
 
 def run(cmd, env_extra=None, log=None):
@@ -86,8 +96,8 @@ def main():
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:
-        if r not in ALL_ROWS:
-            sys.exit(f"unknown row {r}; rows: {', '.join(ALL_ROWS)}")
+        if r not in ALL_ROWS + EXTRA_ROWS:
+            sys.exit(f"unknown row {r}; rows: {', '.join(ALL_ROWS + EXTRA_ROWS)}")
     if not os.path.isdir(args.data):
         sys.exit(f"no dataset at {args.data} (--data)")
     os.makedirs(args.work, exist_ok=True)
@@ -143,8 +153,11 @@ def main():
 
     for name in rows:
         if name.startswith("infer50"):
-            b = name.split("-b")[1]
-            row(name, f"ResNet50 forward, batch {b}", [speed, "--weights", r50, "--batch", b, "--device", args.device],
+            b, _, backend = name.split("-b")[1].partition("-")
+            backend = backend or args.device
+            iters = ["--iters", "2"] if backend == "ndarray" else []
+            row(name, f"ResNet50 forward, batch {b}" + (f", {backend}" if backend != args.device else ""),
+                [speed, "--weights", r50, "--batch", b, "--device", backend] + iters,
                 py + ["--backbone", "resnet50", "--bench-inference", b, "--out", os.path.join(args.work, f"{name}.pytorch.json")],
                 "inference")
         elif name in ("lesson18", "cache18"):
@@ -176,7 +189,10 @@ def main():
     by = {r["row"]: r for r in results}
     for r in results:
         if r["kind"] == "inference":
-            cells = (f"{r['burn_images_per_second']:.2f} img/s", f"{r['pytorch_images_per_second']:.2f} img/s",
+            own = r["burn_folded_burn_kernels_images_per_second"]
+            fused = r["burn_images_per_second"] != own
+            cells = (f"{r['burn_images_per_second']:.2f} img/s" + (f" (Burn's kernels: {own:.2f})" if fused else ""),
+                     f"{r['pytorch_images_per_second']:.2f} img/s",
                      f"{r['ratio']:.2f}x throughput")
         else:
             cells = (f"{r['burn_seconds']:.0f} s", f"{r['pytorch_seconds']:.0f} s", f"{r['ratio']:.2f}x time")

@@ -25,13 +25,13 @@
 use std::fmt;
 use std::sync::Mutex;
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::resnet::ResNet;
+use crate::resnet::{BatchNormUse, ResNet};
 
 /// Rows (output pixels) per tile: measured on ResNet50's layer shapes, 256
 /// rows with a single-threaded `gemm` each beat one multi-threaded product
@@ -101,6 +101,126 @@ struct Conv {
     pad: [usize; 4],
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// Index of the BatchNorm after this convolution in [`batchnorms`]
+    /// order, for a network that is not folded.
+    bn: Option<usize>,
+}
+
+/// A BatchNorm layer read back from its module for one forward pass.
+struct BnHost {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    epsilon: f32,
+    momentum: f32,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+}
+
+impl BnHost {
+    fn read(bn: &BatchNorm) -> Option<Self> {
+        Some(Self {
+            gamma: floats(bn.gamma.val())?,
+            beta: floats(bn.beta.val())?,
+            epsilon: bn.epsilon as f32,
+            momentum: bn.momentum as f32,
+            running_mean: floats(bn.running_mean.value_sync())?,
+            running_var: floats(bn.running_var.value_sync())?,
+        })
+    }
+
+    /// `(scale, shift)` with `bn(y) = y·scale + shift` for the given
+    /// statistics.
+    fn affine(&self, mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let scale: Vec<f32> = self
+            .gamma
+            .iter()
+            .zip(var)
+            .map(|(g, v)| g / (v + self.epsilon).sqrt())
+            .collect();
+        let shift = self
+            .beta
+            .iter()
+            .zip(mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        (scale, shift)
+    }
+}
+
+/// Every BatchNorm of a network, in the order the fused path numbers them
+/// (stem; then per block `bn1`, `bn2`, `bn3`, the shortcut's).
+fn batchnorms(net: &ResNet) -> Vec<&BatchNorm> {
+    let mut out = vec![&net.bn1];
+    for b in net
+        .layer1
+        .iter()
+        .chain(&net.layer2)
+        .chain(&net.layer3)
+        .chain(&net.layer4)
+    {
+        out.push(&b.bn1);
+        out.push(&b.bn2);
+        out.extend(&b.bn3);
+        out.extend(b.downsample.as_ref().map(|d| &d.bn));
+    }
+    out
+}
+
+/// How the BatchNorm layers run in one forward pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Norm {
+    /// Folded into the convolutions: nothing to do.
+    Folded,
+    /// Running statistics: a per-channel scale and shift in each tile.
+    Running,
+    /// Batch statistics (PyTorch's `model.train()`): a reduction over the
+    /// whole output before the scale and shift, and the running statistics
+    /// updated afterwards.
+    Batch,
+}
+
+/// One forward pass's state: BatchNorm values, the statistics gathered in
+/// batch mode, the buffer pool.
+struct Pass<'a> {
+    norm: Norm,
+    bns: Vec<BnHost>,
+    /// Running-statistics `(scale, shift)` per BatchNorm ([`Norm::Running`]).
+    affine: Vec<(Vec<f32>, Vec<f32>)>,
+    /// `(layer, batch mean, biased batch variance, count)` ([`Norm::Batch`]).
+    batch_stats: Mutex<Vec<(usize, Vec<f32>, Vec<f32>, usize)>>,
+    buffers: &'a Buffers,
+}
+
+/// `y·scale + shift (+ residual)`, then ReLU, over whole rows of `dst`.
+fn scale_shift(
+    dst: &mut [f32],
+    residual: Option<&[f32]>,
+    (scale, shift): (&[f32], &[f32]),
+    relu: bool,
+) {
+    let c = scale.len();
+    for (r, row) in dst.chunks_exact_mut(c).enumerate() {
+        for ((v, s), b) in row.iter_mut().zip(scale).zip(shift) {
+            *v = *v * s + b;
+        }
+        if let Some(res) = residual {
+            for (v, x) in row.iter_mut().zip(&res[r * c..(r + 1) * c]) {
+                *v += x;
+            }
+        }
+        if relu {
+            clamp_negative(row);
+        }
+    }
+}
+
+fn clamp_negative(v: &mut [f32]) {
+    for v in v.iter_mut() {
+        if *v < 0.0 {
+            *v = 0.0;
+        }
+    }
 }
 
 struct Pool {
@@ -123,6 +243,9 @@ pub struct FusedResNet {
     pool: Pool,
     blocks: Vec<FusedBlock>,
     features: usize,
+    folded: bool,
+    /// BatchNorm layers of the source network (checked at each call).
+    batchnorms: usize,
     buffers: Buffers,
 }
 
@@ -164,7 +287,7 @@ fn explicit(p: &PaddingConfig2d) -> Option<[usize; 4]> {
 }
 
 impl Conv {
-    fn from_burn(conv: &Conv2d) -> Option<Self> {
+    fn from_burn(conv: &Conv2d, bn: Option<usize>) -> Option<Self> {
         if conv.groups != 1 || conv.dilation != [1, 1] {
             return None;
         }
@@ -199,6 +322,7 @@ impl Conv {
             pad,
             weight,
             bias,
+            bn,
         })
     }
 
@@ -210,8 +334,10 @@ impl Conv {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0; 4]
     }
 
-    /// `relu?(conv(x) + bias + residual?)`, one pass per tile.
-    fn run(&self, x: &Map, residual: Option<&Map>, relu: bool, buffers: &Buffers) -> Option<Map> {
+    /// `relu?(bn?(conv(x) + bias) + residual?)`. Without a BatchNorm to
+    /// apply (folded) or with running statistics it is one pass per tile;
+    /// batch statistics need the whole output first, then a second pass.
+    fn run(&self, x: &Map, residual: Option<&Map>, relu: bool, pass: &Pass) -> Option<Map> {
         if x.c != self.cin {
             return None;
         }
@@ -223,20 +349,30 @@ impl Conv {
         {
             return None;
         }
+        let bn = match pass.norm {
+            Norm::Folded => None,
+            _ => Some(self.bn?),
+        };
+        if bn.is_some_and(|i| i >= pass.bns.len() || pass.bns[i].gamma.len() != cout) {
+            return None;
+        }
         let k = self.kh * self.kw * self.cin;
         let tile = rows
             .div_ceil(rayon::current_num_threads().max(1))
             .clamp(1, MAX_TILE_ROWS);
-        let mut out = buffers.take(rows * cout);
+        let mut out = pass.buffers.take(rows * cout);
         let pointwise = self.is_pointwise();
-        out.par_chunks_mut(tile * cout)
+        let res_rows = |r0: usize, n: usize| residual.map(|r| &r.data[r0 * cout..(r0 + n) * cout]);
+        let partial_sums: Vec<Vec<f64>> = out
+            .par_chunks_mut(tile * cout)
             .enumerate()
-            .for_each(|(t, dst)| {
+            .map(|(t, dst)| {
                 let r0 = t * tile;
                 let n_rows = dst.len() / cout;
-                match residual {
-                    Some(res) => {
-                        let src = &res.data[r0 * cout..(r0 + n_rows) * cout];
+                // Without a BatchNorm between them, the shortcut goes in
+                // with the bias, before the product accumulates.
+                match res_rows(r0, n_rows).filter(|_| bn.is_none()) {
+                    Some(src) => {
                         for (d, s) in dst.chunks_exact_mut(cout).zip(src.chunks_exact(cout)) {
                             for ((d, s), b) in d.iter_mut().zip(s).zip(&self.bias) {
                                 *d = s + b;
@@ -261,14 +397,58 @@ impl Conv {
                         gemm_accumulate(n_rows, cout, k, col, &self.weight, dst);
                     });
                 }
-                if relu {
-                    for v in dst.iter_mut() {
-                        if *v < 0.0 {
-                            *v = 0.0;
+                match (bn, pass.norm) {
+                    (Some(i), Norm::Running) => {
+                        let (scale, shift) = &pass.affine[i];
+                        scale_shift(dst, res_rows(r0, n_rows), (scale, shift), relu);
+                        Vec::new()
+                    }
+                    (Some(_), _) => {
+                        // Per-channel sum and sum of squares of this tile.
+                        let mut sums = vec![0f64; 2 * cout];
+                        for row in dst.chunks_exact(cout) {
+                            for (c, &v) in row.iter().enumerate() {
+                                sums[c] += v as f64;
+                                sums[cout + c] += (v as f64) * (v as f64);
+                            }
                         }
+                        sums
+                    }
+                    (None, _) => {
+                        if relu {
+                            clamp_negative(dst);
+                        }
+                        Vec::new()
                     }
                 }
-            });
+            })
+            .collect();
+        if let (Some(i), Norm::Batch) = (bn, pass.norm) {
+            let mut sums = vec![0f64; 2 * cout];
+            for p in &partial_sums {
+                for (s, v) in sums.iter_mut().zip(p) {
+                    *s += v;
+                }
+            }
+            let count = rows as f64;
+            let mean: Vec<f32> = sums[..cout].iter().map(|s| (s / count) as f32).collect();
+            let var: Vec<f32> = sums[..cout]
+                .iter()
+                .zip(&sums[cout..])
+                .map(|(s, q)| (q / count - (s / count).powi(2)).max(0.0) as f32)
+                .collect();
+            let (scale, shift) = pass.bns[i].affine(&mean, &var);
+            out.par_chunks_mut(tile * cout)
+                .enumerate()
+                .for_each(|(t, dst)| {
+                    let rows_here = dst.len() / cout;
+                    scale_shift(dst, res_rows(t * tile, rows_here), (&scale, &shift), relu);
+                });
+            pass.batch_stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((i, mean, var, rows));
+        }
         Some(Map {
             n: x.n,
             h: oh,
@@ -435,36 +615,42 @@ impl Pool {
 }
 
 impl FusedBlock {
-    fn run(&self, x: Map, buffers: &Buffers) -> Option<Map> {
+    fn run(&self, x: Map, pass: &Pass) -> Option<Map> {
         let projected = match &self.downsample {
-            Some(ds) => Some(ds.run(&x, None, false, buffers)?),
+            Some(ds) => Some(ds.run(&x, None, false, pass)?),
             None => None,
         };
-        let mut out = self.conv1.run(&x, None, true, buffers)?;
+        let mut out = self.conv1.run(&x, None, true, pass)?;
         if self.conv3.is_some() {
-            let inner = self.conv2.run(&out, None, true, buffers)?;
-            buffers.give(std::mem::replace(&mut out, inner));
+            let inner = self.conv2.run(&out, None, true, pass)?;
+            pass.buffers.give(std::mem::replace(&mut out, inner));
         }
         let last = self.conv3.as_ref().unwrap_or(&self.conv2);
-        let y = last.run(&out, Some(projected.as_ref().unwrap_or(&x)), true, buffers);
-        buffers.give(out);
-        buffers.give(x);
+        let y = last.run(&out, Some(projected.as_ref().unwrap_or(&x)), true, pass);
+        pass.buffers.give(out);
+        pass.buffers.give(x);
         if let Some(p) = projected {
-            buffers.give(p);
+            pass.buffers.give(p);
         }
         y
     }
 }
 
 impl FusedResNet {
-    /// Packs a folded network (`None` when it is not folded, or uses a
-    /// layer shape this path does not implement: grouped or dilated
-    /// convolutions, `Same` padding, a ceil-mode pool).
-    pub fn from_folded(net: &ResNet) -> Option<Self> {
-        if !net.batchnorm_folded {
-            return None;
-        }
-        let stem = Conv::from_burn(&net.conv1)?;
+    /// Packs a network's convolutions, `None` when it uses a layer shape
+    /// this path does not implement (grouped or dilated convolutions,
+    /// `Same` padding, a ceil-mode pool). A folded network runs as it is; an
+    /// unfolded one applies its BatchNorm layers, read from the network
+    /// passed to each forward call, with running or batch statistics.
+    pub fn new(net: &ResNet) -> Option<Self> {
+        let folded = net.batchnorm_folded;
+        let mut next_bn = 0;
+        let mut conv = |c: &Conv2d| {
+            let bn = (!folded).then_some(next_bn);
+            next_bn += 1;
+            Conv::from_burn(c, bn)
+        };
+        let stem = conv(&net.conv1)?;
         let pool = Pool::from_burn(&net.maxpool)?;
         let mut blocks = Vec::new();
         for b in net
@@ -474,17 +660,22 @@ impl FusedResNet {
             .chain(&net.layer3)
             .chain(&net.layer4)
         {
+            // The same order as `batchnorms`.
+            let conv1 = conv(&b.conv1)?;
+            let conv2 = conv(&b.conv2)?;
+            let conv3 = match &b.conv3 {
+                Some(c) => Some(conv(c)?),
+                None => None,
+            };
+            let downsample = match &b.downsample {
+                Some(d) => Some(conv(&d.conv)?),
+                None => None,
+            };
             blocks.push(FusedBlock {
-                conv1: Conv::from_burn(&b.conv1)?,
-                conv2: Conv::from_burn(&b.conv2)?,
-                conv3: match &b.conv3 {
-                    Some(c) => Some(Conv::from_burn(c)?),
-                    None => None,
-                },
-                downsample: match &b.downsample {
-                    Some(d) => Some(Conv::from_burn(&d.conv)?),
-                    None => None,
-                },
+                conv1,
+                conv2,
+                conv3,
+                downsample,
             });
         }
         let features = blocks
@@ -496,6 +687,8 @@ impl FusedResNet {
             pool,
             blocks,
             features,
+            folded,
+            batchnorms: next_bn,
             buffers: Buffers::default(),
         })
     }
@@ -505,13 +698,59 @@ impl FusedResNet {
         self.features
     }
 
-    /// Pooled features `[N, F]` of NCHW `images` (already on the CPU as
-    /// `f32`), or `None` when the shapes do not fit the network.
-    pub fn features_from_nchw(&self, images: &[f32], dims: [usize; 4]) -> Option<Vec<f32>> {
+    /// Whether the packed network had its BatchNorm folded.
+    pub fn is_folded(&self) -> bool {
+        self.folded
+    }
+
+    /// Pooled features `[N, F]` of NCHW `images` (on the host, `f32`), or
+    /// `None` when the shapes do not fit.
+    ///
+    /// `net` is the network this was packed from: an unfolded network's
+    /// BatchNorm layers are read from it, and with
+    /// [`BatchNormUse::BatchStatistics`] their running statistics are
+    /// updated in it as PyTorch's `model.train()` does. A folded network
+    /// ignores `bn`.
+    pub fn features_from_nchw(
+        &self,
+        net: &ResNet,
+        images: &[f32],
+        dims: [usize; 4],
+        bn: BatchNormUse,
+    ) -> Option<Vec<f32>> {
         let [n, c, h, w] = dims;
         if images.len() != n * c * h * w || c != self.stem.cin || n == 0 {
             return None;
         }
+        let norm = match (self.folded, bn) {
+            (true, _) => Norm::Folded,
+            (false, BatchNormUse::Module) => Norm::Running,
+            (false, BatchNormUse::BatchStatistics) => Norm::Batch,
+            (false, BatchNormUse::Folded) => return None,
+        };
+        let modules = batchnorms(net);
+        let bns = match norm {
+            Norm::Folded => Vec::new(),
+            _ if modules.len() != self.batchnorms => return None,
+            _ => modules
+                .iter()
+                .map(|bn| BnHost::read(bn))
+                .collect::<Option<Vec<_>>>()?,
+        };
+        let affine = match norm {
+            Norm::Running => bns
+                .iter()
+                .map(|b| b.affine(&b.running_mean, &b.running_var))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let pass = Pass {
+            norm,
+            bns,
+            affine,
+            batch_stats: Mutex::new(Vec::new()),
+            buffers: &self.buffers,
+        };
         let buffers = &self.buffers;
         let mut data = buffers.take(images.len());
         data.par_chunks_mut(h * w * c)
@@ -524,12 +763,12 @@ impl FusedResNet {
                 }
             });
         let input = Map { n, h, w, c, data };
-        let stem = self.stem.run(&input, None, true, buffers)?;
+        let stem = self.stem.run(&input, None, true, &pass)?;
         buffers.give(input);
         let mut x = self.pool.run(&stem, buffers)?;
         buffers.give(stem);
         for block in &self.blocks {
-            x = block.run(x, buffers)?;
+            x = block.run(x, &pass)?;
         }
         let pixels = x.h * x.w;
         if pixels == 0 {
@@ -550,22 +789,60 @@ impl FusedResNet {
             }
         }
         buffers.give(x);
+        if norm == Norm::Batch {
+            let stats = pass
+                .batch_stats
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner());
+            for (i, mean, var, count) in stats {
+                update_running(modules[i], &pass.bns[i], &mean, &var, count);
+            }
+        }
         Some(pooled)
     }
 
     /// [`FusedResNet::features_from_nchw`] on a tensor, the result on the
     /// tensor's device; `None` when the tensor cannot be read as `f32` or
     /// its shape does not fit.
-    pub fn forward_features(&self, images: Tensor<4>) -> Option<Tensor<2>> {
+    pub fn forward_features(
+        &self,
+        net: &ResNet,
+        images: Tensor<4>,
+        bn: BatchNormUse,
+    ) -> Option<Tensor<2>> {
         let device = images.device();
         let dims = images.dims();
         let data = floats(images)?;
-        let out = self.features_from_nchw(&data, dims)?;
+        let out = self.features_from_nchw(net, &data, dims, bn)?;
         Some(Tensor::from_data(
             TensorData::new(out, [dims[0], self.features]),
             &device,
         ))
     }
+}
+
+/// PyTorch's running-statistics update after a batch-statistics pass:
+/// momentum-weighted, with the unbiased variance.
+fn update_running(bn: &BatchNorm, host: &BnHost, mean: &[f32], var: &[f32], count: usize) {
+    let m = host.momentum;
+    let unbiased = if count > 1 {
+        count as f32 / (count - 1) as f32
+    } else {
+        1.0
+    };
+    let c = mean.len();
+    let device = bn.gamma.val().device();
+    let blend = |old: &[f32], new: &[f32], f: f32| -> Tensor<1> {
+        let v: Vec<f32> = old
+            .iter()
+            .zip(new)
+            .map(|(o, n)| o * (1.0 - m) + n * f * m)
+            .collect();
+        Tensor::from_data(TensorData::new(v, [c]), &device)
+    };
+    bn.running_mean.update(blend(&host.running_mean, mean, 1.0));
+    bn.running_var
+        .update(blend(&host.running_var, var, unbiased));
 }
 
 /// Reads a parameter back to the host, for tests.
@@ -578,7 +855,7 @@ fn host<const D: usize>(p: &burn::module::Param<Tensor<D>>) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::resnet::{BlockKind, PaddingStyle, ResNetConfig, StridePlacement};
-    use burn::module::Param;
+    use burn::module::{Module, Param};
     use burn::tensor::Distribution;
 
     fn randomize_bn(net: ResNet) -> ResNet {
@@ -624,11 +901,17 @@ mod tests {
         let net = randomize_bn(cfg.init(&device));
         let folded = net.fold_batchnorm();
         let fused = folded.fused().expect("a flex network is fused when folded");
+        assert!(fused.is_folded());
         let x = Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device);
         let want = floats(net.forward_features(x.clone())).unwrap();
         let burn_folded = floats(folded.clone().unfused().forward_features(x.clone())).unwrap();
-        let got = floats(fused.forward_features(x.clone()).unwrap()).unwrap();
-        let via_model = floats(folded.forward_features(x)).unwrap();
+        let got = floats(
+            fused
+                .forward_features(&folded, x.clone(), BatchNormUse::Module)
+                .unwrap(),
+        )
+        .unwrap();
+        let via_model = floats(folded.forward_features(x.clone())).unwrap();
         assert_eq!(got.len(), dims[0] * fused.num_features());
         assert_eq!(
             got, via_model,
@@ -638,6 +921,54 @@ mod tests {
         assert!(e < 1e-4, "fused vs unfolded Burn: {e}");
         let e = max_rel_diff(&got, &burn_folded);
         assert!(e < 1e-4, "fused vs folded Burn: {e}");
+
+        // Unfolded, running statistics: the same function.
+        let packed = net.clone().with_fused_kernels();
+        assert!(!packed.fused().unwrap().is_folded());
+        let got = floats(packed.forward_features(x.clone())).unwrap();
+        let e = max_rel_diff(&got, &want);
+        assert!(e < 1e-4, "fused running statistics vs Burn: {e}");
+
+        // Batch statistics: features and the updated running statistics
+        // agree with Burn's path on a copy of the network.
+        // (Clones share their running statistics: copy through a record.)
+        let copy = || cfg.init(&device).load_record(net.clone().into_record());
+        let burn_net = copy();
+        let fused_net = copy().with_fused_kernels();
+        let a = floats(burn_net.forward_features_with(x.clone(), BatchNormUse::BatchStatistics))
+            .unwrap();
+        let b = floats(fused_net.forward_features_with(x, BatchNormUse::BatchStatistics)).unwrap();
+        let e = max_rel_diff(&b, &a);
+        assert!(e < 1e-4, "fused batch statistics vs Burn: {e}");
+        let before = batchnorms(&net);
+        for ((bn_a, bn_b), orig) in batchnorms(&burn_net)
+            .into_iter()
+            .zip(batchnorms(&fused_net))
+            .zip(before)
+        {
+            let ra = floats(bn_a.running_var.value_sync()).unwrap();
+            let rb = floats(bn_b.running_var.value_sync()).unwrap();
+            let r0 = floats(orig.running_var.value_sync()).unwrap();
+            assert_ne!(ra, r0, "Burn's pass updated the running variance");
+            assert!(max_rel_diff(&rb, &ra) < 1e-4, "running variance");
+            let ma = floats(bn_a.running_mean.value_sync()).unwrap();
+            let mb = floats(bn_b.running_mean.value_sync()).unwrap();
+            assert!(max_rel_diff(&mb, &ma) < 1e-4, "running mean");
+        }
+    }
+
+    #[test]
+    fn weights_are_packed_as_im2col_rows() {
+        let device = Device::flex();
+        let conv = burn::nn::conv::Conv2dConfig::new([2, 3], [3, 3]).init(&device);
+        let w = host(&conv.weight);
+        let packed = Conv::from_burn(&conv, None).unwrap();
+        // weight[co][ci][ky][kx] sits at row (ky·3 + kx)·2 + ci, column co.
+        let (co, ci, ky, kx) = (2, 1, 0, 2);
+        assert_eq!(
+            packed.weight[((ky * 3 + kx) * 2 + ci) * 3 + co],
+            w[((co * 2 + ci) * 3 + ky) * 3 + kx]
+        );
     }
 
     #[test]
@@ -663,32 +994,48 @@ mod tests {
     }
 
     #[test]
-    fn weights_are_packed_as_im2col_rows() {
-        let device = Device::flex();
-        let conv = burn::nn::conv::Conv2dConfig::new([2, 3], [3, 3]).init(&device);
-        let w = host(&conv.weight);
-        let packed = Conv::from_burn(&conv).unwrap();
-        // weight[co][ci][ky][kx] sits at row (ky·3 + kx)·2 + ci, column co.
-        let (co, ci, ky, kx) = (2, 1, 0, 2);
-        assert_eq!(
-            packed.weight[((ky * 3 + kx) * 2 + ci) * 3 + co],
-            w[((co * 2 + ci) * 3 + ky) * 3 + kx]
-        );
-    }
-
-    #[test]
-    fn unfolded_or_mismatched_input_is_refused() {
+    fn mismatched_input_or_network_is_refused() {
         let device = Device::flex();
         let cfg = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1])
             .with_widths([4, 4, 4, 4])
             .with_stem_width(4);
-        let net = cfg.init(&device);
-        assert!(FusedResNet::from_folded(&net).is_none());
-        let fused = FusedResNet::from_folded(&net.fold_batchnorm()).unwrap();
-        assert!(fused.features_from_nchw(&[0.0; 10], [1, 3, 2, 2]).is_none());
+        let net = cfg.init(&device).fold_batchnorm();
+        let fused = FusedResNet::new(&net).unwrap();
+        let bn = BatchNormUse::Module;
         assert!(
             fused
-                .features_from_nchw(&[0.0; 4 * 64 * 64], [1, 4, 64, 64])
+                .features_from_nchw(&net, &[0.0; 10], [1, 3, 2, 2], bn)
+                .is_none()
+        );
+        let wrong_channels = vec![0.0; 4 * 64 * 64];
+        assert!(
+            fused
+                .features_from_nchw(&net, &wrong_channels, [1, 4, 64, 64], bn)
+                .is_none()
+        );
+        // An unfolded pack refuses a network with other BatchNorm layers,
+        // and BatchNorm "folded" on a network that is not.
+        let unfolded = FusedResNet::new(&cfg.init(&device)).unwrap();
+        let other = ResNetConfig::new(BlockKind::Basic, [2, 1, 1, 1])
+            .with_widths([4, 4, 4, 4])
+            .with_stem_width(4)
+            .init(&device);
+        let x = vec![0.0; 3 * 64 * 64];
+        assert!(
+            unfolded
+                .features_from_nchw(&other, &x, [1, 3, 64, 64], bn)
+                .is_none()
+        );
+        let same = cfg.init(&device);
+        assert!(
+            unfolded
+                .features_from_nchw(&same, &x, [1, 3, 64, 64], bn)
+                .is_some()
+        );
+        let folded_use = BatchNormUse::Folded;
+        assert!(
+            unfolded
+                .features_from_nchw(&same, &x, [1, 3, 64, 64], folded_use)
                 .is_none()
         );
     }

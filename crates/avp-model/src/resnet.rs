@@ -429,9 +429,10 @@ pub struct ResNet {
     /// inference-only copy made by [`ResNet::fold_batchnorm`]).
     #[module(skip)]
     pub batchnorm_folded: bool,
-    /// The fused NHWC inference form of a folded network on the flex
-    /// device ([`crate::fused`]), built by [`ResNet::fold_batchnorm`] and
-    /// used by [`ResNet::forward_features`] for flex inputs.
+    /// The fused NHWC form of the network on the flex device
+    /// ([`crate::fused`]), built by [`ResNet::fold_batchnorm`] and
+    /// [`ResNet::with_fused_kernels`], used by
+    /// [`ResNet::forward_features_with`] for flex inputs.
     #[module(skip)]
     pub fused: Option<Arc<FusedResNet>>,
 }
@@ -517,15 +518,25 @@ impl ResNet {
             }
         }
         m.batchnorm_folded = true;
-        let mut m = m.no_grad();
-        let wanted = std::env::var("AVP_FUSED").map_or(true, |v| v.trim() != "0");
-        if wanted && is_flex(&m.conv1.weight.device()) {
-            m.fused = FusedResNet::from_folded(&m).map(Arc::new);
-        }
-        m
+        m.no_grad().with_fused_kernels()
     }
 
-    /// The fused inference form, when [`ResNet::fold_batchnorm`] built one.
+    /// Packs this network for the fused CPU path ([`crate::fused`]) when
+    /// its parameters are on the flex device (otherwise, or with
+    /// `AVP_FUSED=0` in the environment, returns it unchanged). The packed
+    /// weights are a snapshot: a network whose convolutions change later
+    /// (training the backbone) must not use this. BatchNorm parameters and
+    /// statistics are read at each call, so a frozen backbone in the
+    /// lesson's batch-statistics mode can use it.
+    pub fn with_fused_kernels(mut self) -> Self {
+        let wanted = std::env::var("AVP_FUSED").map_or(true, |v| v.trim() != "0");
+        if wanted && is_flex(&self.conv1.weight.device()) {
+            self.fused = FusedResNet::new(&self).map(Arc::new);
+        }
+        self
+    }
+
+    /// The fused form, when [`ResNet::with_fused_kernels`] built one.
     pub fn fused(&self) -> Option<&FusedResNet> {
         self.fused.as_deref()
     }
@@ -545,9 +556,8 @@ impl ResNet {
     /// [`ResNet::forward_features`] with a choice of BatchNorm statistics.
     pub fn forward_features_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
         if let Some(fused) = &self.fused
-            && self.batchnorm_folded
             && is_flex(&images.device())
-            && let Some(features) = fused.forward_features(images.clone())
+            && let Some(features) = fused.forward_features(self, images.clone(), bn)
         {
             return features;
         }

@@ -183,10 +183,17 @@ impl Classifier {
         }
         let folded = (bn_mode == BnMode::Frozen)
             .then(|| FrozenBackbone(Arc::new(backbone.fold_batchnorm())));
+        // In lesson mode the stored backbone runs, its BatchNorm layers
+        // live: give it the fused CPU path too (BatchNorm applied in the
+        // same tiles, statistics read and updated in the modules).
+        let backbone = match bn_mode {
+            BnMode::Lesson => backbone.no_grad().with_fused_kernels(),
+            BnMode::Frozen => backbone.no_grad(),
+        };
         Ok(Self {
             head,
             folded,
-            backbone: FrozenBackbone(Arc::new(backbone.no_grad())),
+            backbone: FrozenBackbone(Arc::new(backbone)),
             bn_mode,
             totals: Arc::new(Mutex::new(EpochTotals::default())),
         })
