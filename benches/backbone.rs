@@ -1,6 +1,8 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 //! ResNet50 forward throughput per compiled backend, batch 1 and 8 (and
-//! any batch sizes in `AVP_BENCH_BATCHES`).
+//! any batch sizes in `AVP_BENCH_BATCHES`): Burn's modules (`batchN`), and
+//! on flex also the fused path of the folded network (`fused_batchN`, what
+//! frozen training and the feature cache run).
 //! Criterion's `thrpt` column is images per second.
 //!
 //! ```text
@@ -29,6 +31,8 @@ fn forward(c: &mut Criterion) {
             continue;
         };
         let model = ResNetConfig::resnet50().init(&device);
+        let fused = model.clone().with_fc(None).fold_batchnorm();
+        let fused = fused.fused().is_some().then_some(fused);
         let mut group = c.benchmark_group(format!("{backend}/resnet50_forward"));
         group
             .sample_size(10)
@@ -47,6 +51,14 @@ fn forward(c: &mut Criterion) {
                     sync(&y.device(), y)
                 })
             });
+            if let Some(fused) = &fused {
+                group.bench_function(format!("fused_batch{batch}"), |b| {
+                    b.iter(|| {
+                        let y = fused.forward_features(x.clone());
+                        sync(&y.device(), y)
+                    })
+                });
+            }
         }
         group.finish();
     }

@@ -1,26 +1,34 @@
-//! A fused CPU inference path for a BatchNorm-folded ResNet.
+//! A fused CPU path for a frozen ResNet on the flex device.
 //!
 //! Burn's flex backend runs a convolution as: weights reordered, input
 //! transposed NCHW → NHWC, im2col, one matrix product per tile, results
 //! scattered back to NCHW, then separate passes for the bias, BatchNorm,
 //! ReLU and the residual add, each a trip through memory with an allocation.
-//! Profiling a frozen ResNet50 showed the matrix products themselves run at
-//! the `gemm` crate's speed; the rest of the time goes to those passes.
 //!
 //! This module keeps the activations NHWC from the stem to the pool, packs
-//! every convolution's weights once (when the network is folded), and runs
-//! each convolution tile by tile on the rayon pool: the tile's im2col rows
-//! (none for a stride-1 1x1 convolution, whose input rows are the matrix),
-//! the output tile pre-filled with the bias (plus the shortcut, for the last
+//! every convolution's weights once, and runs each convolution tile by tile
+//! (256 output pixels) on the rayon pool: the tile's im2col rows (none for a
+//! stride-1 1x1 convolution, whose input rows are the matrix), the output
+//! tile pre-filled with the bias (plus the shortcut, for the last
 //! convolution of a block), one single-threaded `gemm` that accumulates into
-//! it, and ReLU on the tile while it is still in cache. So conv + bias +
-//! residual + ReLU is one pass.
+//! it, and the epilogue on the tile while it is still in cache. Activation
+//! buffers are reused across layers and calls.
 //!
-//! It is built only for a folded network whose parameters live on the flex
-//! device ([`crate::ResNet::fold_batchnorm`]) and is used only for inputs on
-//! that device; everything else (ndarray, wgpu, autodiff, batch-statistics
-//! BatchNorm) runs through Burn's modules. Results agree with Burn's path to
-//! float rounding (tests in this module and `tests/import.rs`).
+//! BatchNorm, three ways:
+//! - folded into the convolutions ([`crate::ResNet::fold_batchnorm`]):
+//!   conv + bias + shortcut + ReLU is one pass;
+//! - running statistics (an unfolded network, [`BatchNormUse::Module`]):
+//!   a per-channel scale and shift in the same tile pass;
+//! - batch statistics ([`BatchNormUse::BatchStatistics`], PyTorch's
+//!   `model.train()` on a frozen network): per-tile channel sums while the
+//!   tile is in cache, then one scale/shift/shortcut/ReLU pass, and the
+//!   modules' running statistics updated as PyTorch does.
+//!
+//! Used only on the flex device and only for networks packed by
+//! [`crate::ResNet::fold_batchnorm`] or [`crate::ResNet::with_fused_kernels`];
+//! autodiff, ndarray and the GPU backends run Burn's modules. Results agree
+//! with Burn's path and with onnxruntime/PyTorch to float rounding (tests
+//! here, in `tests/import.rs` and `tests/real_weights.rs`).
 
 use std::fmt;
 use std::sync::Mutex;
@@ -33,9 +41,10 @@ use rayon::prelude::*;
 
 use crate::resnet::{BatchNormUse, ResNet};
 
-/// Rows (output pixels) per tile: measured on ResNet50's layer shapes, 256
-/// rows with a single-threaded `gemm` each beat one multi-threaded product
-/// over the whole layer by up to 4x at batch 8 (`examples/speed.rs`).
+/// Rows (output pixels) per tile. In a standalone measurement of `gemm` on
+/// ResNet50's layer shapes at batch 8 (2 cores), 256-row tiles with a
+/// single-threaded product each ran at 300–470 GFLOP/s, and one two-thread
+/// product over the whole layer at 80–460 (worst on the wide 1x1 layers).
 const MAX_TILE_ROWS: usize = 256;
 
 /// Activation buffers handed back after use and taken again by the next
@@ -236,8 +245,8 @@ struct FusedBlock {
     downsample: Option<Conv>,
 }
 
-/// The packed, NHWC inference form of a folded [`ResNet`] backbone (the
-/// part up to the global average pool).
+/// The packed, NHWC form of a [`ResNet`] backbone (the part up to the
+/// global average pool) for the fused CPU path.
 pub struct FusedResNet {
     stem: Conv,
     pool: Pool,

@@ -97,6 +97,8 @@ fn every_fixture_imports_with_the_built_architecture_and_matches_onnxruntime() {
         // BatchNorm folded into the convolutions: the same function.
         let folded = loaded.model.fold_batchnorm();
         assert!(folded.batchnorm_folded);
+        // On flex the folded network runs through the fused path.
+        assert!(folded.fused().is_some_and(|f| f.is_folded()), "{name}");
         let ours = run(
             &folded,
             &fixtures().join(format!("{name}.input.npy")),
@@ -104,6 +106,16 @@ fn every_fixture_imports_with_the_built_architecture_and_matches_onnxruntime() {
         );
         let err = rel_err(&ours, &reference);
         assert!(err <= 1e-4, "{name} folded: relative error {err} > 1e-4");
+        // Not folded, through the fused path (BatchNorm applied in-tile).
+        let packed = loaded.model.clone().with_fused_kernels();
+        assert!(packed.fused().is_some_and(|f| !f.is_folded()), "{name}");
+        let ours = run(
+            &packed,
+            &fixtures().join(format!("{name}.input.npy")),
+            &device,
+        );
+        let err = rel_err(&ours, &reference);
+        assert!(err <= 1e-4, "{name} fused: relative error {err} > 1e-4");
     }
 }
 
@@ -501,9 +513,21 @@ fn batch_statistics_mode_matches_pytorch_train_forward_and_running_stats() {
     // tests/fixtures/bn/make_reference.py: PyTorch's model.train() forward.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bn");
     let device = parse_device("flex").unwrap();
-    let loaded = load_weights(&dir.join("model.onnx"), &device, &LoadOptions::default()).unwrap();
+    // Burn's modules, then the fused path, each on a fresh load.
+    for fused in [false, true] {
+        check_batch_statistics(&dir, &device, fused);
+    }
+}
+
+fn check_batch_statistics(dir: &Path, device: &Device, fused: bool) {
+    let mut loaded =
+        load_weights(&dir.join("model.onnx"), device, &LoadOptions::default()).unwrap();
+    if fused {
+        loaded.model = loaded.model.with_fused_kernels();
+        assert!(loaded.model.fused().is_some());
+    }
     let (shape, values) = npy::read_f32(&dir.join("input.npy")).unwrap();
-    let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
+    let x = Tensor::<4>::from_data(TensorData::new(values, shape), device);
     let ours = loaded
         .model
         .forward_features_with(x, avp_model::BatchNormUse::BatchStatistics)
@@ -514,7 +538,7 @@ fn batch_statistics_mode_matches_pytorch_train_forward_and_running_stats() {
     let err = rel_err(&ours, &reference);
     assert!(
         err <= 1e-4,
-        "features with batch statistics: relative error {err}"
+        "features with batch statistics (fused: {fused}): relative error {err}"
     );
     let stats = |bn: &burn::nn::BatchNorm| {
         (
@@ -537,10 +561,13 @@ fn batch_statistics_mode_matches_pytorch_train_forward_and_running_stats() {
         let (mean, var) = stats(bn);
         let (_, ref_mean) = npy::read_f32(&dir.join(format!("{name}_mean.npy"))).unwrap();
         let (_, ref_var) = npy::read_f32(&dir.join(format!("{name}_var.npy"))).unwrap();
-        assert!(rel_err(&mean, &ref_mean) <= 1e-4, "{name} running mean");
+        assert!(
+            rel_err(&mean, &ref_mean) <= 1e-4,
+            "{name} running mean (fused: {fused})"
+        );
         assert!(
             rel_err(&var, &ref_var) <= 1e-4,
-            "{name} running variance (unbiased)"
+            "{name} running variance, unbiased (fused: {fused})"
         );
     }
 }

@@ -157,6 +157,21 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
             1,
         );
         assert!(err <= 1e-4, "{name}: relative error {err}");
+        // The fused CPU path, BatchNorm folded and applied in-tile.
+        for (how, model) in [
+            ("folded", loaded.model.fold_batchnorm()),
+            ("fused", loaded.model.clone().with_fused_kernels()),
+        ] {
+            assert!(model.fused().is_some(), "{name} {how}");
+            let err = error_against(
+                &model,
+                &dir,
+                &format!("{name}.input.npy"),
+                &format!("{name}.output.npy"),
+                1,
+            );
+            assert!(err <= 1e-4, "{name} {how}: relative error {err}");
+        }
     }
     // The same network from its torchvision state dict.
     let loaded = load_weights(&dir.join("resnet50.pth"), &device, &LoadOptions::default()).unwrap();
