@@ -196,9 +196,19 @@ struct Pass<'a> {
     bns: Vec<BnHost>,
     /// Running-statistics `(scale, shift)` per BatchNorm ([`Norm::Running`]).
     affine: Vec<(Vec<f32>, Vec<f32>)>,
-    /// `(layer, batch mean, biased batch variance, count)` ([`Norm::Batch`]).
-    batch_stats: Mutex<Vec<(usize, Vec<f32>, Vec<f32>, usize)>>,
+    /// Statistics of each layer's batch ([`Norm::Batch`]).
+    batch_stats: Mutex<Vec<BatchStats>>,
     buffers: &'a Buffers,
+}
+
+/// One BatchNorm layer's statistics over a batch.
+struct BatchStats {
+    layer: usize,
+    mean: Vec<f32>,
+    /// Biased (population) variance, what the normalization uses.
+    var: Vec<f32>,
+    /// Values per channel (N·H·W).
+    count: usize,
 }
 
 /// `y·scale + shift (+ residual)`, then ReLU, over whole rows of `dst`.
@@ -456,7 +466,12 @@ impl Conv {
             pass.batch_stats
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((i, mean, var, rows));
+                .push(BatchStats {
+                    layer: i,
+                    mean,
+                    var,
+                    count: rows,
+                });
         }
         Some(Map {
             n: x.n,
@@ -803,8 +818,8 @@ impl FusedResNet {
                 .batch_stats
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner());
-            for (i, mean, var, count) in stats {
-                update_running(modules[i], &pass.bns[i], &mean, &var, count);
+            for st in stats {
+                update_running(modules[st.layer], &pass.bns[st.layer], &st);
             }
         }
         Some(pooled)
@@ -832,7 +847,8 @@ impl FusedResNet {
 
 /// PyTorch's running-statistics update after a batch-statistics pass:
 /// momentum-weighted, with the unbiased variance.
-fn update_running(bn: &BatchNorm, host: &BnHost, mean: &[f32], var: &[f32], count: usize) {
+fn update_running(bn: &BatchNorm, host: &BnHost, stats: &BatchStats) {
+    let (mean, var, count) = (&stats.mean, &stats.var, stats.count);
     let m = host.momentum;
     let unbiased = if count > 1 {
         count as f32 / (count - 1) as f32
@@ -861,6 +877,7 @@ fn host<const D: usize>(p: &burn::module::Param<Tensor<D>>) -> Vec<f32> {
 }
 
 #[cfg(all(test, feature = "flex"))]
+#[allow(clippy::unwrap_used)] // helpers of the tests below
 mod tests {
     use super::*;
     use crate::resnet::{BlockKind, PaddingStyle, ResNetConfig, StridePlacement};

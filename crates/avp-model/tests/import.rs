@@ -467,6 +467,7 @@ fn thousands_of_random_mutations_never_panic() {
 
 // ----------------------------------------------------------- other backends
 
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
 fn parity_on(device_name: &str, tolerance: f32) {
     let device = parse_device(device_name).unwrap();
     for name in [
