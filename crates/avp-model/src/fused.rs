@@ -620,9 +620,9 @@ impl Pool {
                             };
                             let s = ((b * x.h + iy) * x.w + ix) * c;
                             for (d, &s) in d.iter_mut().zip(&x.data[s..s + c]) {
-                                if s > *d || s.is_nan() {
-                                    *d = s;
-                                }
+                                // A select, not a conditional store, so that
+                                // it vectorizes; NaN propagates.
+                                *d = if s > *d || s.is_nan() { s } else { *d };
                             }
                         }
                     }
