@@ -161,13 +161,7 @@ impl BnHost {
 /// (stem; then per block `bn1`, `bn2`, `bn3`, the shortcut's).
 fn batchnorms(net: &ResNet) -> Vec<&BatchNorm> {
     let mut out = vec![&net.bn1];
-    for b in net
-        .layer1
-        .iter()
-        .chain(&net.layer2)
-        .chain(&net.layer3)
-        .chain(&net.layer4)
-    {
+    for b in net.blocks() {
         out.push(&b.bn1);
         out.push(&b.bn2);
         out.extend(&b.bn3);
@@ -677,13 +671,7 @@ impl FusedResNet {
         let stem = conv(&net.conv1)?;
         let pool = Pool::from_burn(&net.maxpool)?;
         let mut blocks = Vec::new();
-        for b in net
-            .layer1
-            .iter()
-            .chain(&net.layer2)
-            .chain(&net.layer3)
-            .chain(&net.layer4)
-        {
+        for b in net.blocks() {
             // The same order as `batchnorms`.
             let conv1 = conv(&b.conv1)?;
             let conv2 = conv(&b.conv2)?;

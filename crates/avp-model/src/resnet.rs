@@ -471,16 +471,19 @@ impl ResNet {
         };
         let x = relu(batch_norm(&self.bn1, self.conv1.forward(images), bn));
         let mut x = self.maxpool.forward(x);
-        for block in self
-            .layer1
+        for block in self.blocks() {
+            x = block.forward_with(x, bn);
+        }
+        x
+    }
+
+    /// Every residual block, stage by stage (`layer1` … `layer4`).
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.layer1
             .iter()
             .chain(&self.layer2)
             .chain(&self.layer3)
             .chain(&self.layer4)
-        {
-            x = block.forward_with(x, bn);
-        }
-        x
     }
 
     /// An inference copy with every BatchNorm folded into the convolution

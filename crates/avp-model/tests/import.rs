@@ -99,23 +99,18 @@ fn every_fixture_imports_with_the_built_architecture_and_matches_onnxruntime() {
         assert!(folded.batchnorm_folded);
         // On flex the folded network runs through the fused path.
         assert!(folded.fused().is_some_and(|f| f.is_folded()), "{name}");
-        let ours = run(
-            &folded,
-            &fixtures().join(format!("{name}.input.npy")),
-            &device,
-        );
-        let err = rel_err(&ours, &reference);
-        assert!(err <= 1e-4, "{name} folded: relative error {err} > 1e-4");
         // Not folded, through the fused path (BatchNorm applied in-tile).
         let packed = loaded.model.clone().with_fused_kernels();
         assert!(packed.fused().is_some_and(|f| !f.is_folded()), "{name}");
-        let ours = run(
-            &packed,
-            &fixtures().join(format!("{name}.input.npy")),
-            &device,
-        );
-        let err = rel_err(&ours, &reference);
-        assert!(err <= 1e-4, "{name} fused: relative error {err} > 1e-4");
+        for (how, model) in [("folded", &folded), ("fused", &packed)] {
+            let ours = run(
+                model,
+                &fixtures().join(format!("{name}.input.npy")),
+                &device,
+            );
+            let err = rel_err(&ours, &reference);
+            assert!(err <= 1e-4, "{name} {how}: relative error {err} > 1e-4");
+        }
     }
 }
 
