@@ -6,13 +6,14 @@
 //! cargo run --example alien_vs_predator -- --help
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use avp::data::decode_rgb8;
 use avp::model::parse_device;
-use avp::train::{BnMode, TrainConfig, train};
-use clap::{Parser, ValueEnum};
+use avp::train::{BnMode, ExecutionStrategy, OutputPolicy, TrainConfig, train_with_policy};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 mod common;
 use common::{DEFAULT_WEIGHTS, load_backbone};
@@ -31,7 +32,7 @@ enum BnArg {
 /// Train a classifier head on a frozen ImageNet ResNet, as the PyTorch
 /// transfer-learning lesson does with Alien vs Predator photos.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Image folder with train/val (or entrenamiento/validacion) splits of
     /// one subfolder per class.
@@ -85,10 +86,58 @@ struct Args {
     /// ~/.cache/avp/features).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// The largest feature cache (in GB) to compute and hold in memory; a
+    /// larger one is refused before the backbone runs.
+    #[arg(long, default_value_t = 8.0, value_name = "GB")]
+    cache_max_gb: f64,
+    /// Follow links to folders inside the class folders (not followed by
+    /// default, as torchvision's ImageFolder); each folder is read once and
+    /// a link out of its class folder is refused.
+    #[arg(long)]
+    follow_links: bool,
+    /// Remove a finished run in --out now, instead of keeping it until the
+    /// new run has finished.
+    #[arg(long)]
+    overwrite: bool,
+    /// Start afresh instead of resuming an interrupted run in --out (for
+    /// instance when its checkpoint is damaged).
+    #[arg(long)]
+    restart: bool,
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches)?;
+    let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
+    if from_env("data") && !args.data.is_dir() {
+        bail!(
+            "AVP_DATA={} is not a folder: set AVP_DATA to a dataset folder (DIR/train and DIR/val), or unset it \
+             to use the lesson's photos",
+            args.data.display()
+        );
+    }
+    let known_name = avp::model::download::downloadable()
+        .iter()
+        .any(|k| Path::new(&k.name) == args.weights);
+    if from_env("weights") && !args.weights.exists() && !known_name {
+        bail!(
+            "AVP_WEIGHTS={} does not exist: set AVP_WEIGHTS to a weights file or a known name, or unset it \
+             to use the committed ResNet18",
+            args.weights.display()
+        );
+    }
+    if from_env("prep") && args.prep.as_ref().is_some_and(|p| !p.is_file()) {
+        bail!(
+            "AVP_PREP={} does not exist: set AVP_PREP to a preprocessing ONNX file, or unset it",
+            args.prep.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder: pass a folder for the run's files (it is created if missing)",
+            args.out.display()
+        );
+    }
     if !args.data.is_dir() {
         bail!(
             "no dataset at {}: expected DIR/train (or entrenamiento) and DIR/val (or validation, validacion), one subfolder per class. \
@@ -104,6 +153,15 @@ fn main() -> Result<()> {
         );
     }
     let device = parse_device(&args.device)?;
+    if let Some(line) = avp::model::device_report(&args.device) {
+        eprintln!("{line}");
+    }
+    if args.lr.is_nan() || !args.lr.is_finite() || args.lr <= 0.0 {
+        bail!(
+            "--lr {} is not a usable learning rate: pass a finite number above 0 (the lesson uses 1e-3)",
+            args.lr
+        );
+    }
     let backbone = load_backbone(&args.weights, args.prep.as_deref(), &device)?;
     println!("backbone: {}", backbone.config.describe());
     println!("input:    {}", backbone.normalization.describe());
@@ -123,8 +181,23 @@ fn main() -> Result<()> {
             args.cache_dir
                 .as_ref()
                 .map(|d| d.to_string_lossy().into_owned()),
-        );
-    let outcome = train(backbone, &args.data, &args.out, &config, &device)?;
+        )
+        .with_cache_max_gb(args.cache_max_gb)
+        .with_follow_links(args.follow_links);
+    // Refused here, before the backbone is loaded.
+    config.validate()?;
+    let policy = OutputPolicy {
+        overwrite: args.overwrite,
+        restart: args.restart,
+    };
+    let outcome = train_with_policy(
+        backbone,
+        &args.data,
+        &args.out,
+        &config,
+        ExecutionStrategy::SingleDevice(device.clone().without_autodiff()),
+        policy,
+    )?;
     let last = outcome.epochs.last().context("no epoch finished")?;
     println!("final validation accuracy: {:.4}", last.valid_acc);
 

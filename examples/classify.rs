@@ -50,8 +50,23 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let device = parse_device(&args.device)?;
+    if let Some(line) = avp::model::device_report(&args.device) {
+        eprintln!("{line}");
+    }
+    // A training run's folder stands for its model.bpk.
+    if args.model.is_dir() {
+        let inside = args.model.join("model.bpk");
+        if !inside.is_file() {
+            bail!(
+                "{} is a folder without a model.bpk: pass a trained model.bpk (or the run folder that holds one), \
+                 or a weights file",
+                args.model.display()
+            );
+        }
+        args.model = inside;
+    }
     // A trained classifier first; otherwise any ImageNet network.
     let (normalization, classes, run): (_, Vec<String>, Box<dyn Fn(Tensor<4>) -> Tensor<2>>) =
         match load_model(&args.model, &device) {
@@ -104,8 +119,17 @@ fn main() -> Result<()> {
     let eval = Pipeline::eval(data_normalize(&normalization));
     let [c, h, w] = eval.output_shape();
     let mut results = Vec::new();
+    let mut failed = Vec::new();
     for path in &args.images {
-        let img = decode_rgb8(path)?;
+        // A bad image is reported and the others are still classified.
+        let img = match decode_rgb8(path) {
+            Ok(img) => img,
+            Err(e) => {
+                eprintln!("skipped {}: {e}", path.display());
+                failed.push((path.clone(), e.to_string()));
+                continue;
+            }
+        };
         let x = Tensor::<4>::from_data(
             TensorData::new(eval.apply(&img, &mut Rng::for_item(0, 0, 0)), [1, c, h, w]),
             &device,
@@ -127,21 +151,38 @@ fn main() -> Result<()> {
         let out: Vec<_> = results
             .iter()
             .map(|(path, logits, probs, order)| {
-                serde_json::json!({
-                    "image": path,
+                let mut entry = serde_json::json!({
+                    "image": path.to_string_lossy(),
                     "logits": logits,
                     "probabilities": probs,
                     "top": order.iter().map(|&i| serde_json::json!({"class": classes.get(i), "index": i, "probability": probs[i]})).collect::<Vec<_>>(),
-                })
+                });
+                if let Some(raw) = raw_name(path) {
+                    entry["image_raw"] = raw.into();
+                }
+                entry
+            })
+            .collect();
+        let errors: Vec<_> = failed
+            .iter()
+            .map(|(path, why)| {
+                let mut e = serde_json::json!({"image": path.to_string_lossy(), "error": why});
+                if let Some(raw) = raw_name(path) {
+                    e["image_raw"] = raw.into();
+                }
+                e
             })
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"model": args.model, "classes": classes.len(), "results": out})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": args.model.to_string_lossy(),
+                "classes": classes.len(),
+                "results": out,
+                "errors": errors,
+            }))?
         );
-        return Ok(());
+        return finish(&failed, args.images.len());
     }
     for (path, _, probs, order) in &results {
         let shown: Vec<String> = order
@@ -156,5 +197,40 @@ fn main() -> Result<()> {
             .collect();
         println!("{}: {}", path.display(), shown.join(", "));
     }
-    Ok(())
+    finish(&failed, args.images.len())
+}
+
+/// Fails (non-zero exit) when some images could not be classified, after
+/// the others were.
+fn finish(failed: &[(PathBuf, String)], total: usize) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} of {total} image(s) could not be read: {}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// A file name that is not valid UTF-8, with each byte that is not part
+/// of a valid character written as `\xNN` (`None` for valid names, whose
+/// `image` field is exact).
+fn raw_name(path: &std::path::Path) -> Option<String> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if std::str::from_utf8(bytes).is_ok() {
+        return None;
+    }
+    let mut out = String::new();
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    Some(out)
 }

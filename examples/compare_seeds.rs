@@ -114,6 +114,9 @@ fn main() -> Result<()> {
         None => None,
     };
     let device = parse_device(&args.device)?;
+    if let Some(line) = avp::model::device_report(&args.device) {
+        eprintln!("{line}");
+    }
     let feature_cache = args.feature_cache || args.cache_views.is_some();
     let mut rows = Vec::new();
     let mut curves = Vec::new();

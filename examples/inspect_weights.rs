@@ -45,6 +45,9 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
+    if let Some(line) = avp::model::device_report(&args.device) {
+        eprintln!("{line}");
+    }
     let options = LoadOptions {
         prep: args.prep.clone(),
         ..Default::default()

@@ -44,6 +44,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Checked before anything is written.
+    if args.augment.is_some_and(|n| n == 0 || n > 64) {
+        bail!("--augment takes 1 to 64 versions per image");
+    }
     let normalize = match &args.weights {
         Some(w) => {
             let device = parse_device("flex")?;
@@ -78,9 +82,6 @@ fn main() -> Result<()> {
         images.len()
     );
     if let Some(n) = args.augment {
-        if n == 0 || n > 64 {
-            bail!("--augment takes 1 to 64 versions per image");
-        }
         let train = Pipeline::lesson(normalize);
         let (tw, th) = (w as u32, h as u32);
         let gap = 4u32;

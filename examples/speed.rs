@@ -46,6 +46,9 @@ fn peak_rss_mb() -> Option<f64> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
+    if let Some(line) = avp::model::device_report(&args.device) {
+        eprintln!("{line}");
+    }
     let file = resolve_weights(
         &args.weights.to_string_lossy(),
         &device,

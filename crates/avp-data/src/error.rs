@@ -65,6 +65,21 @@ pub enum DataError {
         /// Number of undecodable files.
         bad: usize,
     },
+    /// A link inside a class folder leads outside it (with
+    /// `follow_links`): following it would label other images with this
+    /// class.
+    #[error(
+        "{link} links to {target}, outside its class folder {class_dir}: its images would be labelled with the wrong class; \
+         replace the link by the files it should add, or remove it"
+    )]
+    LinkOutsideClass {
+        /// The link.
+        link: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// The class folder it sits in.
+        class_dir: PathBuf,
+    },
     /// Index outside the dataset.
     #[error("index {index} is outside the dataset ({len} images)")]
     Index {

@@ -4,6 +4,15 @@
 //! recursively in sorted order. Every file is decoded once, in parallel,
 //! when the folder is opened; undecodable files are reported and left out
 //! (or refused in `strict` mode), so indices never shift during a run.
+//!
+//! Links to folders inside a class folder are not followed, as torchvision's
+//! `os.walk(followlinks=False)` does not follow them: a link such as
+//! `alien/again -> .` would otherwise train every image many times, and
+//! `alien/up -> ..` would label the other classes' photos `alien`. With
+//! [`OpenOptions::follow_links`] they are followed, each folder is walked
+//! once (a cycle is detected by device and inode), and a link whose target
+//! lies outside its class folder is refused. Linked files are read as
+//! torchvision reads them.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -68,6 +77,8 @@ impl Split {
 pub struct OpenOptions {
     /// Refuse the whole folder if any file fails to decode.
     pub strict: bool,
+    /// Follow links to folders inside class folders (see the module docs).
+    pub follow_links: bool,
 }
 
 /// One image of the folder.
@@ -103,7 +114,14 @@ pub struct ImageFolder {
     pub skipped: Vec<Skipped>,
     /// Files ignored for their extension (e.g. a `.gif`).
     pub ignored: Vec<PathBuf>,
+    /// Links to folders that were not followed: all of them by default,
+    /// only those that lead back to a folder already walked (a cycle)
+    /// with [`OpenOptions::follow_links`].
+    pub links_not_followed: Vec<PathBuf>,
 }
+
+/// A class this many times larger than the smallest one earns a warning.
+pub const IMBALANCE_WARNING_RATIO: usize = 10;
 
 fn has_image_extension(p: &Path) -> bool {
     p.extension()
@@ -130,17 +148,89 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
-/// Files under `dir`, recursively, as `os.walk` + `sorted` lists them.
-fn walk(dir: &Path, files: &mut Vec<PathBuf>, depth: usize) -> Result<(), DataError> {
-    let entries = read_dir_sorted(dir)?;
-    let (dirs, plain): (Vec<PathBuf>, Vec<PathBuf>) = entries.into_iter().partition(|p| p.is_dir());
-    files.extend(plain);
-    if depth < 32 {
-        for d in dirs {
-            walk(&d, files, depth + 1)?;
-        }
+/// A folder's identity, to walk each folder once: device and inode on
+/// Unix, the canonical path elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DirId {
+    #[cfg(unix)]
+    Inode(u64, u64),
+    #[cfg(not(unix))]
+    Path(PathBuf),
+}
+
+fn dir_id(dir: &Path) -> Result<DirId, DataError> {
+    let err = |source| DataError::ReadDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir).map_err(err)?;
+        Ok(DirId::Inode(m.dev(), m.ino()))
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        Ok(DirId::Path(std::fs::canonicalize(dir).map_err(err)?))
+    }
+}
+
+/// State of one class folder's walk.
+struct Walk<'a> {
+    class_dir: &'a Path,
+    /// The class folder, links resolved: linked folders must lie inside it.
+    class_real: PathBuf,
+    follow_links: bool,
+    visited: std::collections::HashSet<DirId>,
+    files: Vec<PathBuf>,
+    links_not_followed: Vec<PathBuf>,
+}
+
+impl Walk<'_> {
+    /// Files under `dir`, recursively, as `os.walk` + `sorted` lists them.
+    fn walk(&mut self, dir: &Path, depth: usize) -> Result<(), DataError> {
+        let entries = read_dir_sorted(dir)?;
+        let mut dirs = Vec::new();
+        for p in entries {
+            if !p.is_dir() {
+                self.files.push(p);
+                continue;
+            }
+            let is_link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink());
+            if !is_link {
+                dirs.push(p);
+                continue;
+            }
+            if !self.follow_links {
+                self.links_not_followed.push(p);
+                continue;
+            }
+            let target = std::fs::canonicalize(&p).map_err(|source| DataError::ReadDir {
+                path: p.clone(),
+                source,
+            })?;
+            if !target.starts_with(&self.class_real) {
+                return Err(DataError::LinkOutsideClass {
+                    link: p,
+                    target,
+                    class_dir: self.class_dir.to_path_buf(),
+                });
+            }
+            dirs.push(p);
+        }
+        if depth < 32 {
+            for d in dirs {
+                if self.visited.insert(dir_id(&d)?) {
+                    self.walk(&d, depth + 1)?;
+                } else {
+                    // A link back to a folder already walked (a cycle, or a
+                    // second way to the same folder): its images are listed once.
+                    self.links_not_followed.push(d);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ImageFolder {
@@ -169,16 +259,29 @@ impl ImageFolder {
         let mut classes = Vec::new();
         let mut candidates: Vec<(PathBuf, usize)> = Vec::new();
         let mut ignored = Vec::new();
+        let mut links_not_followed = Vec::new();
         for (class, cdir) in class_dirs.iter().enumerate() {
             classes.push(
                 cdir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             );
-            let mut files = Vec::new();
-            walk(cdir, &mut files, 0)?;
+            let class_real = std::fs::canonicalize(cdir).map_err(|source| DataError::ReadDir {
+                path: cdir.clone(),
+                source,
+            })?;
+            let mut walk = Walk {
+                class_dir: cdir,
+                class_real,
+                follow_links: options.follow_links,
+                visited: [dir_id(cdir)?].into_iter().collect(),
+                files: Vec::new(),
+                links_not_followed: Vec::new(),
+            };
+            walk.walk(cdir, 0)?;
+            links_not_followed.extend(walk.links_not_followed);
             let before = candidates.len();
-            for f in files {
+            for f in walk.files {
                 if has_image_extension(&f) {
                     candidates.push((f, class));
                 } else {
@@ -240,6 +343,7 @@ impl ImageFolder {
             samples,
             skipped,
             ignored,
+            links_not_followed,
         })
     }
 
@@ -251,6 +355,21 @@ impl ImageFolder {
     /// Whether no image is readable (never true for an opened folder).
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
+    }
+
+    /// The largest and the smallest class (name, images) when the largest
+    /// holds at least [`IMBALANCE_WARNING_RATIO`] times as many images: a
+    /// classifier trained on such a split tends to answer the large class.
+    pub fn imbalance(&self) -> Option<((String, usize), (String, usize))> {
+        let counts = self.counts();
+        let (big, &nb) = counts.iter().enumerate().max_by_key(|(_, n)| **n)?;
+        let (small, &ns) = counts.iter().enumerate().min_by_key(|(_, n)| **n)?;
+        (nb >= ns.max(1).saturating_mul(IMBALANCE_WARNING_RATIO)).then(|| {
+            (
+                (self.classes[big].clone(), nb),
+                (self.classes[small].clone(), ns),
+            )
+        })
     }
 
     /// Images per class, in class order.
@@ -287,8 +406,28 @@ impl fmt::Display for ImageFolder {
                 self.ignored.len()
             )?;
         }
+        if !self.links_not_followed.is_empty() {
+            write!(
+                f,
+                "; {} link(s) to folders not followed ({})",
+                self.links_not_followed.len(),
+                self.links_not_followed
+                    .iter()
+                    .take(3)
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         for s in &self.skipped {
             write!(f, "\n  skipped {}: {}", s.path.display(), s.reason)?;
+        }
+        if let Some(((big, nb), (small, ns))) = self.imbalance() {
+            write!(
+                f,
+                "\n  warning: the classes are unbalanced: `{big}` has {nb} images, `{small}` only {ns}; \
+                 the classifier will lean towards `{big}` (add images of `{small}` or leave some of `{big}` out)"
+            )?;
         }
         Ok(())
     }

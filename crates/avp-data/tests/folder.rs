@@ -63,7 +63,7 @@ fn the_lessons_set_opens_like_torchvision_sees_it() {
     let val = ImageFolder::open(
         &lesson_root(),
         Split::Validation,
-        OpenOptions { strict: true },
+        OpenOptions { strict: true, ..Default::default() },
     )
     .unwrap();
     assert_eq!(val.counts(), [100, 100]);
@@ -160,7 +160,7 @@ fn corrupt_files_are_reported_and_skipped_or_refused_in_strict_mode() {
         summary.contains("text.jpg") && summary.contains("truncated.jpg"),
         "{summary}"
     );
-    let e = ImageFolder::open(&s.0, Split::Train, OpenOptions { strict: true }).unwrap_err();
+    let e = ImageFolder::open(&s.0, Split::Train, OpenOptions { strict: true, ..Default::default() }).unwrap_err();
     assert!(matches!(e, DataError::Decode { .. }), "{e}");
     // A class whose every file is broken is an error, not an empty class.
     s.file("train/c/broken.jpg", b"nope");
@@ -304,7 +304,7 @@ fn shared() -> PathBuf {
 #[ignore = "needs ../shared (AVP_SHARED, set by .ci/run)"]
 fn hymenoptera_opens_as_torchvision_sees_it() {
     let root = shared().join("data/hymenoptera_data");
-    let train = ImageFolder::open(&root, Split::Train, OpenOptions { strict: true }).unwrap();
+    let train = ImageFolder::open(&root, Split::Train, OpenOptions { strict: true, ..Default::default() }).unwrap();
     assert_eq!(train.classes, ["ants", "bees"]);
     assert_eq!(train.len(), 244, "{train}");
     assert!(
@@ -313,7 +313,7 @@ fn hymenoptera_opens_as_torchvision_sees_it() {
             .iter()
             .any(|p| p.ends_with("imageNotFound.gif"))
     );
-    let val = ImageFolder::open(&root, Split::Validation, OpenOptions { strict: true }).unwrap();
+    let val = ImageFolder::open(&root, Split::Validation, OpenOptions { strict: true, ..Default::default() }).unwrap();
     assert_eq!(val.len(), 153);
 }
 
@@ -322,9 +322,86 @@ fn hymenoptera_opens_as_torchvision_sees_it() {
 fn the_shared_lesson_set_matches_the_committed_copy() {
     let root = shared().join("data/alien_vs_predator_thumbnails/data");
     for split in [Split::Train, Split::Validation] {
-        let a = ImageFolder::open(&root, split, OpenOptions { strict: true }).unwrap();
-        let b = ImageFolder::open(&lesson_root(), split, OpenOptions { strict: true }).unwrap();
+        let a = ImageFolder::open(&root, split, OpenOptions { strict: true, ..Default::default() }).unwrap();
+        let b = ImageFolder::open(&lesson_root(), split, OpenOptions { strict: true, ..Default::default() }).unwrap();
         assert_eq!(a.counts(), b.counts());
         assert_eq!(a.samples.len(), b.samples.len());
     }
+}
+
+/// Links to folders inside a class folder: not followed by default (as
+/// torchvision's `os.walk(followlinks=False)`), so `again -> .` and
+/// `up -> ..` add nothing; with `follow_links` a cycle is walked once and a
+/// link out of the class folder is refused. Two links back to the class
+/// folder used to hang the walk with growing memory.
+#[cfg(unix)]
+#[test]
+fn links_to_folders_are_not_followed_and_never_loop() {
+    use std::os::unix::fs::symlink;
+    let s = Scratch::new("links");
+    s.file("train/alien/a.jpg", &real_jpeg());
+    s.file("train/alien/sub/b.jpg", &real_jpeg());
+    s.file("train/predator/c.jpg", &real_jpeg());
+    s.file("train/predator/d.jpg", &real_jpeg());
+    s.file("elsewhere/e.jpg", &real_jpeg());
+    let alien = s.0.join("train/alien");
+    symlink(".", alien.join("again")).unwrap();
+    symlink(".", alien.join("loop2")).unwrap();
+    symlink("sub", alien.join("sub-again")).unwrap();
+    let plain = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
+    assert_eq!(plain.counts(), [2, 2], "{plain}");
+    assert_eq!(plain.links_not_followed.len(), 3);
+    assert!(plain.to_string().contains("3 link(s) to folders not followed"), "{plain}");
+
+    // Following: each folder once, whatever the links.
+    let follow = OpenOptions {
+        follow_links: true,
+        ..Default::default()
+    };
+    let f = ImageFolder::open(&s.0, Split::Train, follow).unwrap();
+    assert_eq!(f.counts(), [2, 2], "{f}");
+
+    // A link to the split (`up -> ..`) would label the predator photos
+    // alien: ignored by default, refused when following.
+    symlink("..", alien.join("up")).unwrap();
+    let plain = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
+    assert_eq!(plain.counts(), [2, 2], "{plain}");
+    let e = ImageFolder::open(&s.0, Split::Train, follow).unwrap_err();
+    assert!(matches!(e, DataError::LinkOutsideClass { .. }), "{e}");
+    assert!(e.to_string().contains("outside its class folder"), "{e}");
+    std::fs::remove_file(alien.join("up")).unwrap();
+
+    // A link inside the class folder to a folder that is not walked
+    // otherwise adds its images when following.
+    symlink(s.0.join("elsewhere"), s.0.join("train/predator/more")).unwrap();
+    let e = ImageFolder::open(&s.0, Split::Train, follow).unwrap_err();
+    assert!(matches!(e, DataError::LinkOutsideClass { .. }), "{e}");
+    std::fs::remove_file(s.0.join("train/predator/more")).unwrap();
+    std::fs::create_dir_all(s.0.join("train/predator/deep/er")).unwrap();
+    std::fs::copy(s.0.join("elsewhere/e.jpg"), s.0.join("train/predator/deep/er/e.jpg")).unwrap();
+    std::fs::rename(s.0.join("train/predator/deep"), s.0.join("train/predator/.deep")).unwrap();
+    symlink(".deep/er", s.0.join("train/predator/linked")).unwrap();
+    let f = ImageFolder::open(&s.0, Split::Train, follow).unwrap();
+    // `.deep/er/e.jpg` directly and once more through the link: the folder
+    // is walked once.
+    assert_eq!(f.counts(), [2, 3], "{f}");
+}
+
+/// A 10:1 (or worse) class imbalance is named in the folder summary.
+#[test]
+fn a_strong_class_imbalance_is_warned_about() {
+    let s = Scratch::new("imbalance");
+    for i in 0..10 {
+        s.file(&format!("train/many/{i}.jpg"), &real_jpeg());
+    }
+    s.file("train/few/0.jpg", &real_jpeg());
+    let f = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
+    let summary = f.to_string();
+    assert!(
+        summary.contains("warning: the classes are unbalanced: `many` has 10 images, `few` only 1"),
+        "{summary}"
+    );
+    std::fs::remove_file(s.0.join("train/many/9.jpg")).unwrap();
+    let f = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
+    assert!(f.imbalance().is_none() && !f.to_string().contains("warning"), "{f}");
 }

@@ -108,6 +108,54 @@ fn cuda(index: usize) -> Result<Device, ModelError> {
     Err(not_compiled("cuda", "cuda"))
 }
 
+/// The adapter a wgpu or vulkan device runs on, for a line the programs
+/// print: its name, and a warning when it is no graphics card (a CPU
+/// fallback such as Mesa's llvmpipe, tens of times slower than flex).
+/// `None` for the other backends.
+pub fn device_report(name: &str) -> Option<String> {
+    let lower = name.trim().to_ascii_lowercase();
+    match lower.as_str() {
+        "wgpu" | "vulkan" => adapter_report(lower == "vulkan"),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn adapter_report(vulkan: bool) -> Option<String> {
+    use cubecl_runtime::runtime::Runtime;
+    use cubecl::wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind, WgpuRuntime};
+    let backend = if vulkan {
+        WgpuBackend::Vulkan
+    } else {
+        WgpuBackend::Auto
+    };
+    // The device Burn's `Device::wgpu(DeviceKind::DefaultDevice)` opens;
+    // opening it here starts the server Burn then uses. No adapter at all
+    // makes cubecl panic: that becomes a line too.
+    let device = WgpuDevice::new(WgpuDeviceKind::DefaultDevice).on(backend);
+    let identity = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        <WgpuRuntime as Runtime>::client(&device)
+            .properties()
+            .identity
+            .clone()
+    }));
+    let api = if vulkan { "vulkan" } else { "wgpu" };
+    Some(match identity {
+        Ok(id) if id.physical.is_none() => format!(
+            "{api}: running on {}, which is not a graphics card but a software or CPU fallback: \
+             expect it to be much slower than --device flex",
+            id.name
+        ),
+        Ok(id) => format!("{api}: running on {}", id.name),
+        Err(_) => format!("{api}: no adapter could be opened (is a Vulkan, Metal or DX12 driver installed?)"),
+    })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn adapter_report(_vulkan: bool) -> Option<String> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +185,21 @@ mod tests {
         let e = parse_device("cuda:1").unwrap_err().to_string();
         assert!(e.contains("--features cuda"), "{e}");
         assert!(e.contains("not compiled"), "{e}");
+    }
+}
+
+/// Needs a Vulkan device: CI installs Mesa's lavapipe, a CPU fallback,
+/// which must be named and warned about.
+#[cfg(all(test, feature = "wgpu"))]
+mod adapter_tests {
+    #[test]
+    #[ignore = "needs a Vulkan device (CI: Mesa's lavapipe)"]
+    fn the_wgpu_adapter_is_named_and_a_cpu_fallback_is_warned_about() {
+        let line = super::device_report("wgpu").unwrap_or_default();
+        assert!(line.starts_with("wgpu: running on "), "{line}");
+        if line.contains("llvmpipe") {
+            assert!(line.contains("not a graphics card"), "{line}");
+        }
+        assert_eq!(super::device_report("flex"), None);
     }
 }

@@ -345,7 +345,30 @@ pub fn fetch_known(
     let raw = options.dir.join(&file_name);
     let native = raw.with_extension("bpk");
     if native.is_file() {
-        return Ok(native);
+        // The converted file is avp's own: a damaged one (a disk that
+        // filled, a copy cut short) is converted again instead of failing
+        // every later run.
+        match load_weights(&native, device, &LoadOptions::default()) {
+            Ok(_) => return Ok(native),
+            Err(e) => {
+                if options.progress {
+                    eprintln!(
+                        "the converted file {} is damaged ({e}); converting {} again",
+                        native.display(),
+                        raw.display()
+                    );
+                }
+                std::fs::remove_file(&native).map_err(|source| ModelError::Io {
+                    path: native.clone(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!(
+                            "it is damaged ({e}) and cannot be removed ({source}): delete it by hand and run again"
+                        ),
+                    ),
+                })?;
+            }
+        }
     }
     download(&url, &raw, &checksum, options)?;
     let loaded = load_weights(

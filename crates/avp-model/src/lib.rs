@@ -35,7 +35,7 @@ pub mod resnet;
 pub mod weights;
 
 pub use cache_dir::cache_root;
-pub use device::{DEVICE_NAMES, compiled_backends, parse_device};
+pub use device::{DEVICE_NAMES, compiled_backends, device_report, parse_device};
 pub use download::{DownloadOptions, resolve_weights};
 pub use error::ModelError;
 pub use fill::fill;

@@ -186,6 +186,25 @@ pub fn load_weights(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
+    if path.is_dir() {
+        let hint = if path.join("model.bpk").is_file() {
+            format!(
+                "; it holds a trained model, {}, which `classify --model` and `load_model` read",
+                path.join("model.bpk").display()
+            )
+        } else {
+            String::new()
+        };
+        return Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                format!(
+                    "this is a folder, not a weights file: pass the file itself (.onnx, .pth/.pt, .safetensors or .bpk){hint}"
+                ),
+            ),
+        });
+    }
     let format = WeightFormat::from_path(path)?;
     let (model, config, mut provenance, file_norm) = match format {
         WeightFormat::Onnx => load_onnx(path, device)?,

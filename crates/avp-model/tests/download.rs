@@ -278,6 +278,34 @@ fn a_manifest_entry_is_fetched_verified_and_converted_once() {
     let hits = server.hits.load(Ordering::SeqCst);
     assert_eq!(fetch_known(&entry, &device, &options).unwrap(), native);
     assert_eq!(server.hits.load(Ordering::SeqCst), hits);
+
+    // A damaged converted file (cut short, as by a full disk) is converted
+    // again from the kept download, instead of failing every later run.
+    let good = std::fs::read(&native).unwrap();
+    std::fs::write(&native, &good[..good.len() / 2]).unwrap();
+    assert!(load_weights(&native, &device, &LoadOptions::default()).is_err());
+    assert_eq!(fetch_known(&entry, &device, &options).unwrap(), native);
+    assert_eq!(server.hits.load(Ordering::SeqCst), hits, "the download was kept");
+    let again = load_weights(&native, &device, &LoadOptions::default()).unwrap();
+    assert_eq!(again.config.describe(), direct.config.describe());
+}
+
+/// A folder passed as weights says it is a folder (and points to the
+/// trained model inside a run folder), not "unknown weights format".
+#[test]
+fn a_folder_as_weights_is_explained() {
+    let device = parse_device("flex").unwrap();
+    let dir = scratch("folder-weights");
+    let e = load_weights(&dir, &device, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a folder, not a weights file"), "{e}");
+    assert!(!e.contains("unknown weights format"), "{e}");
+    std::fs::write(dir.join("model.bpk"), b"x").unwrap();
+    let e = load_weights(&dir, &device, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("classify --model"), "{e}");
 }
 
 #[test]

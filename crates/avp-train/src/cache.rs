@@ -15,8 +15,14 @@
 //! normalization, the transform pipeline, the number of views (and the
 //! seed, for augmented views), and the file list (relative path, class,
 //! size and modification time of every image). A second run over the same
-//! images with the same weights reads them back and skips the backbone. A
-//! cache file that is truncated or does not match its key is recomputed.
+//! images with the same weights reads them back and skips the backbone.
+//!
+//! A cache file carries the SHA-256 of its contents: a file that is
+//! truncated, was written for another key, has a flipped byte, a class
+//! index out of range or a value that is not finite is computed again,
+//! never used. The size of a table is checked against
+//! [`FeatureJob::max_bytes`] before anything is allocated or computed, and
+//! the cache folder is checked to be writable before the backbone runs.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +32,7 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
 use avp_model::{Normalization, ResNet, ResNetConfig, sha256_hex};
+use sha2::Digest;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -33,7 +40,9 @@ use serde::Serialize;
 
 use crate::error::TrainError;
 
-const MAGIC: &[u8; 8] = b"AVPFEAT1";
+const MAGIC: &[u8; 8] = b"AVPFEAT2";
+/// Bytes of the trailing SHA-256.
+const DIGEST: usize = 32;
 /// Salt that separates the view choice from the shuffling stream.
 const VIEW_SALT: u64 = 0x5EED_F1E5_0000_0001;
 
@@ -73,13 +82,21 @@ impl FeatureTable {
         for &v in &self.values {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        let digest = sha2::Sha256::digest(&out);
+        out.extend_from_slice(&digest);
         out
     }
 
-    /// Parses a cache file; `None` when it is not one, is truncated or was
-    /// written for another key.
-    fn from_bytes(bytes: &[u8], key_text: &str) -> Option<Self> {
-        let mut r = bytes;
+    /// Parses a cache file; `None` when it is not one, is truncated, was
+    /// written for another key, does not match its checksum, names a class
+    /// outside `0..classes` or holds a value that is not finite.
+    pub fn from_bytes(bytes: &[u8], key_text: &str, classes: usize) -> Option<Self> {
+        let body_len = bytes.len().checked_sub(DIGEST)?;
+        let (body, digest) = bytes.split_at(body_len);
+        if sha2::Sha256::digest(body).as_slice() != digest {
+            return None;
+        }
+        let mut r = body;
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic).ok()?;
         if &magic != MAGIC {
@@ -111,13 +128,18 @@ impl FeatureTable {
             .map(|c| {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(c);
-                u64::from_le_bytes(b) as usize
+                usize::try_from(u64::from_le_bytes(b))
+                    .ok()
+                    .filter(|&t| t < classes)
             })
-            .collect();
-        let values = r[len * 8..]
+            .collect::<Option<Vec<usize>>>()?;
+        let values: Vec<f32> = r[len * 8..]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
         Some(Self {
             len,
             views,
@@ -221,6 +243,64 @@ pub struct FeatureJob<'a> {
     pub seed: u64,
     /// Backbone batch size.
     pub batch_size: usize,
+    /// The largest table (in bytes of stored features) this job may
+    /// compute; a larger one is refused before anything is allocated.
+    pub max_bytes: u64,
+}
+
+impl FeatureJob<'_> {
+    /// Bytes of the table this job computes (`None` on overflow).
+    pub fn table_bytes(&self, width: usize) -> Option<u64> {
+        table_bytes(self.views, self.folder.len(), width)
+    }
+}
+
+fn table_bytes(views: usize, len: usize, width: usize) -> Option<u64> {
+    (views as u64)
+        .checked_mul(len as u64)?
+        .checked_mul(width as u64)?
+        .checked_mul(4)
+}
+
+/// Refuses a job whose table would exceed its `max_bytes`.
+pub fn check_size(job: &FeatureJob<'_>, width: usize) -> Result<u64, TrainError> {
+    check_table_size(job.label, job.views, job.folder.len(), width, job.max_bytes)
+}
+
+/// Refuses a table of `views` x `len` x `width` floats over `max_bytes`
+/// (checked arithmetic: any count a user types is safe); returns its size.
+pub fn check_table_size(
+    label: &str,
+    views: usize,
+    len: usize,
+    width: usize,
+    max_bytes: u64,
+) -> Result<u64, TrainError> {
+    let gb = |b: u64| b as f64 / 1e9;
+    match table_bytes(views, len, width) {
+        Some(b) if b <= max_bytes => Ok(b),
+        b => Err(TrainError::Config(format!(
+            "the {label} features would take {} ({views} view(s) x {len} images x {width} floats), over the limit of {:.1} GB: \
+             use fewer cache views (--cache-views) or raise the limit (--cache-max-gb)",
+            b.map_or("more than 18 EB".into(), |b| format!("{:.1} GB", gb(b))),
+            gb(max_bytes)
+        ))),
+    }
+}
+
+/// Checks that `dir` can hold cache files before the backbone runs:
+/// creates it and writes (then removes) a probe file.
+pub fn check_writable(dir: &Path) -> Result<(), TrainError> {
+    let probe = dir.join(format!(".avp-write-probe-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b"probe"));
+    let _ = std::fs::remove_file(&probe);
+    result.map_err(|e| {
+        TrainError::Config(format!(
+            "the feature cache folder {} is not writable ({e}): pass --cache-dir DIR with a writable folder, \
+             or set AVP_CACHE_DIR",
+            dir.display()
+        ))
+    })
 }
 
 /// The backbone's identity, for the key.
@@ -258,11 +338,13 @@ pub fn features(
         job.views,
         job.seed,
     );
+    let width = backbone.model.num_features();
+    check_size(job, width)?;
     let file = dir.map(|d| cache_file(d, &key));
     if let Some(file) = &file
         && let Ok(bytes) = std::fs::read(file)
     {
-        match FeatureTable::from_bytes(&bytes, &key) {
+        match FeatureTable::from_bytes(&bytes, &key, job.folder.classes.len()) {
             Some(t) if t.len == job.folder.len() => {
                 println!(
                     "feature cache: {} features read from {} ({} images x {} view{})",
@@ -279,6 +361,9 @@ pub fn features(
                 file.display()
             ),
         }
+    }
+    if let Some(dir) = dir {
+        check_writable(dir)?;
     }
     let table = compute(backbone.model, job, device)?;
     if let (Some(dir), Some(file)) = (dir, &file) {
@@ -324,7 +409,12 @@ fn compute(
     let dataset = ImageDataset::new(job.folder.clone(), job.pipeline.clone(), job.seed);
     let width = model.num_features();
     let len = job.folder.len();
-    let mut values = vec![0f32; job.views * len * width];
+    let size = check_size(job, width)?;
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact((size / 4) as usize)
+        .map_err(|e| TrainError::Config(format!("cannot hold the {} features: {e}", job.label)))?;
+    values.resize((size / 4) as usize, 0f32);
     let targets: Vec<usize> = job.folder.samples.iter().map(|s| s.class).collect();
     let total = job.views * len;
     let mut progress = ProgressLine::new(job.label, total);
@@ -340,6 +430,14 @@ fn compute(
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .map_err(|e| TrainError::Config(format!("backbone output: {e:?}")))?;
+            if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+                let image = batch.indices.get(bad / width).and_then(|&i| job.folder.samples.get(i));
+                return Err(TrainError::Config(format!(
+                    "the backbone gave a value that is not finite ({}) for {}: the weights or the normalization are broken",
+                    data[bad],
+                    image.map_or("an image".into(), |s| s.path.display().to_string())
+                )));
+            }
             for (row, &index) in data.chunks_exact(width).zip(&batch.indices) {
                 let start = (view * len + index) * width;
                 values[start..start + width].copy_from_slice(row);
@@ -548,5 +646,80 @@ impl DataLoader<FeatureBatch> for FeatureLoader {
         let s = (self.range.0 + start).min(self.range.1);
         let e = (self.range.0 + end).min(self.range.1).max(s);
         Arc::new(self.with(&self.device, (s, e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> FeatureTable {
+        let (len, views, width) = (5, 2, 3);
+        FeatureTable {
+            len,
+            views,
+            width,
+            targets: vec![0, 1, 1, 0, 1],
+            values: (0..len * views * width).map(|i| i as f32 * 0.25 - 1.0).collect(),
+        }
+    }
+
+    /// A tiny xorshift: the corruption test is seeded, so a failure is
+    /// reproducible.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn a_cache_file_round_trips() {
+        let t = table();
+        assert_eq!(FeatureTable::from_bytes(&t.to_bytes("key"), "key", 2), Some(t));
+    }
+
+    /// Every truncation and thousands of seeded byte flips: each is
+    /// refused (the caller computes the features again), none panics and
+    /// none is read as features.
+    #[test]
+    fn every_truncation_and_random_byte_flips_are_refused() {
+        let t = table();
+        let bytes = t.to_bytes("the key");
+        for cut in 0..bytes.len() {
+            assert_eq!(FeatureTable::from_bytes(&bytes[..cut], "the key", 2), None, "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(FeatureTable::from_bytes(&longer, "the key", 2), None);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..4000 {
+            let mut b = bytes.clone();
+            let at = (xorshift(&mut state) % b.len() as u64) as usize;
+            let flip = (xorshift(&mut state) % 255 + 1) as u8;
+            b[at] ^= flip;
+            assert_eq!(
+                FeatureTable::from_bytes(&b, "the key", 2),
+                None,
+                "byte {at} xor {flip:#04x} was accepted"
+            );
+        }
+        assert_eq!(FeatureTable::from_bytes(&bytes, "another key", 2), None);
+    }
+
+    /// A file with a valid checksum is still refused when a class index is
+    /// out of range (it used to panic inside burn-flex) or a value is not
+    /// finite (it used to train a NaN model).
+    #[test]
+    fn out_of_range_classes_and_non_finite_values_are_refused() {
+        let mut t = table();
+        t.targets[2] = 2;
+        assert_eq!(FeatureTable::from_bytes(&t.to_bytes("k"), "k", 2), None);
+        assert!(FeatureTable::from_bytes(&t.to_bytes("k"), "k", 3).is_some());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut t = table();
+            t.values[7] = bad;
+            assert_eq!(FeatureTable::from_bytes(&t.to_bytes("k"), "k", 2), None);
+        }
     }
 }

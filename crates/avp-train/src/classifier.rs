@@ -138,12 +138,27 @@ pub struct PhaseTotals {
 }
 
 /// Totals for the training and validation phases of the current epoch.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct EpochTotals {
     /// Training phase.
     pub train: PhaseTotals,
     /// Validation phase.
     pub valid: PhaseTotals,
+    /// The first loss that was not finite (NaN or infinite), with its
+    /// phase: training stops there (see `on_non_finite`).
+    pub non_finite: Option<(&'static str, f64)>,
+    /// Stops burn-train's loop when a loss is not finite.
+    pub on_non_finite: Option<burn::train::Interrupter>,
+}
+
+impl std::fmt::Debug for EpochTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochTotals")
+            .field("train", &self.train)
+            .field("valid", &self.valid)
+            .field("non_finite", &self.non_finite)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The frozen backbone, shared (not copied) by every clone of the
@@ -262,6 +277,12 @@ fn classify_logits(
         .into_scalar::<i64>() as usize;
     let l = loss.clone().without_autodiff().into_scalar::<f32>() as f64;
     if let Ok(mut t) = totals.lock() {
+        if !l.is_finite() && t.non_finite.is_none() {
+            t.non_finite = Some((if train { "training" } else { "validation" }, l));
+            if let Some(stop) = &t.on_non_finite {
+                stop.stop(Some("the loss is not finite"));
+            }
+        }
         let p = if train { &mut t.train } else { &mut t.valid };
         p.loss_sum += l * n as f64;
         p.correct += correct;

@@ -22,6 +22,13 @@ pub enum TrainError {
         /// Validation classes.
         valid: Vec<String>,
     },
+    /// Training stopped before its last epoch (an error inside burn-train's
+    /// loop, such as a checkpoint that could not be written, or a stop).
+    #[error("{0}")]
+    Stopped(String),
+    /// A loss became NaN or infinite.
+    #[error("{0}")]
+    Diverged(String),
     /// Writing an artifact failed.
     #[error("cannot write {path}: {why}")]
     Write {

@@ -10,6 +10,7 @@ pub mod bridge;
 pub mod cache;
 pub mod classifier;
 mod error;
+pub mod output;
 pub mod render;
 pub mod train;
 
@@ -22,6 +23,6 @@ pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
 pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
 pub use train::{
-    EpochMetrics, TrainConfig, TrainOutcome, lesson_lines, open_splits, read_metrics_csv,
-    resume_point, train, train_with,
+    EpochMetrics, OutputPolicy, TrainConfig, TrainOutcome, lesson_lines, open_splits,
+    open_splits_with, read_metrics_csv, resume_point, train, train_with, train_with_policy,
 };

@@ -67,6 +67,65 @@ pub struct TrainConfig {
     /// [`avp_model::cache_root`].
     #[config(default = "None")]
     pub cache_dir: Option<String>,
+    /// The largest feature table (in GB, 1e9 bytes) the cache may compute
+    /// and hold; a larger one is refused before the backbone runs.
+    #[config(default = 8.0)]
+    pub cache_max_gb: f64,
+    /// Follow links to folders inside the class folders (see
+    /// [`avp_data::OpenOptions::follow_links`]).
+    #[config(default = false)]
+    pub follow_links: bool,
+}
+
+/// What a run may do with what is already in its output folder (see
+/// [`crate::output`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputPolicy {
+    /// Remove a finished run in the folder before training, instead of
+    /// keeping it until the new run has finished.
+    pub overwrite: bool,
+    /// Start afresh even when the folder holds an interrupted run that
+    /// could resume (or one whose checkpoint is damaged).
+    pub restart: bool,
+}
+
+impl TrainConfig {
+    /// Refuses settings that cannot train, before any work starts.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(TrainError::Config(format!(
+                "epochs and batch size must be positive (got {} and {})",
+                self.epochs, self.batch_size
+            )));
+        }
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return Err(TrainError::Config(format!(
+                "the learning rate must be a finite number above 0 (got {}); the lesson uses 1e-3",
+                self.lr
+            )));
+        }
+        if self.feature_cache && self.bn_mode == BnMode::Lesson {
+            return Err(TrainError::Config(
+                "the feature cache needs BatchNorm `frozen`: in `lesson` mode the features depend on the batch".into(),
+            ));
+        }
+        if self.feature_cache && self.cache_views == 0 {
+            return Err(TrainError::Config("cache views must be at least 1".into()));
+        }
+        if self.feature_cache && !self.augment && self.cache_views > 1 {
+            return Err(TrainError::Config(format!(
+                "{} cache views without augmentation would be {} identical copies: turn augmentation on or use one view",
+                self.cache_views, self.cache_views
+            )));
+        }
+        if !self.cache_max_gb.is_finite() || self.cache_max_gb <= 0.0 {
+            return Err(TrainError::Config(format!(
+                "the cache size limit must be a finite number of GB above 0 (got {})",
+                self.cache_max_gb
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Loss and accuracy of one epoch.
@@ -109,8 +168,16 @@ pub struct TrainOutcome {
 
 /// Opens both splits, checking that they make a classification problem.
 pub fn open_splits(root: &Path) -> Result<(ImageFolder, ImageFolder), TrainError> {
-    let train = ImageFolder::open(root, Split::Train, OpenOptions::default())?;
-    let valid = ImageFolder::open(root, Split::Validation, OpenOptions::default())?;
+    open_splits_with(root, OpenOptions::default())
+}
+
+/// [`open_splits`] with options (e.g. following links to folders).
+pub fn open_splits_with(
+    root: &Path,
+    options: OpenOptions,
+) -> Result<(ImageFolder, ImageFolder), TrainError> {
+    let train = ImageFolder::open(root, Split::Train, options)?;
+    let valid = ImageFolder::open(root, Split::Validation, options)?;
     if train.classes != valid.classes {
         return Err(TrainError::ClassMismatch {
             train: train.classes.clone(),
@@ -177,7 +244,8 @@ impl TrainingProgressLogger for LessonLogger {
             return;
         };
         let (tr, va) = (t.train, t.valid);
-        *t = EpochTotals::default();
+        t.train = Default::default();
+        t.valid = Default::default();
         drop(t);
         let m = EpochMetrics {
             epoch,
@@ -214,7 +282,13 @@ impl TrainingProgressLogger for LessonLogger {
     }
 
     fn end(&mut self) {
-        if self.print {
+        // burn-train also ends here when it stopped early: that is no
+        // "training done" (the caller reports why it stopped).
+        let finished = self
+            .epochs
+            .lock()
+            .is_ok_and(|e| e.len() >= self.total_epochs);
+        if self.print && finished {
             println!(
                 "training done in {:.1} s",
                 self.started.elapsed().as_secs_f64()
@@ -303,6 +377,30 @@ fn checkpoint_complete(out_dir: &Path, epoch: usize) -> bool {
     })
 }
 
+/// Why the checkpoint of `epoch` cannot be restored, if it cannot: each of
+/// its three files is read back as burn-train will read it (a truncated
+/// file used to make burn-train panic on every rerun).
+fn checkpoint_damage(out_dir: &Path, epoch: usize) -> Option<String> {
+    use burn::train::checkpoint::{Checkpointer, FileCheckpointer};
+    let dir = out_dir.join("checkpoint");
+    let file = |k: &str| dir.join(format!("{k}-{epoch}.bpk")).display().to_string();
+    let model: Result<burn::store::ModuleRecord, _> = FileCheckpointer::new(&dir, "model").restore(epoch);
+    if let Err(e) = model {
+        return Some(format!("{}: {e}", file("model")));
+    }
+    let optim: Result<burn::optim::OptimizerRecord, _> =
+        FileCheckpointer::new(&dir, "optim").restore(epoch);
+    if let Err(e) = optim {
+        return Some(format!("{}: {e}", file("optim")));
+    }
+    let scheduler: Result<burn::lr_scheduler::LrSchedulerRecord, _> =
+        FileCheckpointer::new(&dir, "scheduler").restore(epoch);
+    if let Err(e) = scheduler {
+        return Some(format!("{}: {e}", file("scheduler")));
+    }
+    None
+}
+
 /// What a run trains on besides its configuration: the backbone's
 /// SHA-256 and the data folder, as written to `run.json`.
 fn run_identity(weights_sha256: &str, root: &Path) -> serde_json::Value {
@@ -342,6 +440,43 @@ pub fn resume_point(
         .max()
 }
 
+/// [`resume_point`], with each candidate checkpoint read back: a damaged
+/// one falls back to the one before it; when every one is damaged the run
+/// stops with what to do.
+fn plan_resume(
+    out_dir: &Path,
+    config: &TrainConfig,
+    weights_sha256: &str,
+    root: &Path,
+) -> Result<Option<usize>, TrainError> {
+    let Some(last) = resume_point(out_dir, config, weights_sha256, root) else {
+        return Ok(None);
+    };
+    let mut first_damage = None;
+    for epoch in (1..=last).rev() {
+        if !checkpoint_complete(out_dir, epoch) {
+            continue;
+        }
+        match checkpoint_damage(out_dir, epoch) {
+            None => {
+                if let Some(why) = &first_damage {
+                    println!("damaged checkpoint ({why}); resuming from epoch {epoch} instead");
+                }
+                return Ok(Some(epoch));
+            }
+            Some(why) => {
+                first_damage.get_or_insert(why);
+            }
+        }
+    }
+    Err(TrainError::Config(format!(
+        "{} holds an interrupted run whose checkpoint is damaged ({}): it cannot resume; \
+         run the same command with --restart to start that run afresh",
+        out_dir.display(),
+        first_damage.unwrap_or_default()
+    )))
+}
+
 /// Keeps the rows of `metrics.csv` up to `epoch`.
 fn truncate_metrics(path: &Path, epoch: usize) -> Result<Vec<EpochMetrics>, TrainError> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -371,6 +506,50 @@ struct Run<'a> {
     done: Vec<EpochMetrics>,
 }
 
+/// Why a run that burn-train returned from did not finish, if it did not:
+/// an error inside its loop (a checkpoint that could not be written, a
+/// metric, the data), a loss that was not finite, or a stop.
+fn unfinished(
+    error: Option<Arc<burn::train::TrainingError>>,
+    interrupted: Option<burn::train::Interruption>,
+    totals: &Mutex<EpochTotals>,
+    epochs: &[EpochMetrics],
+    config: &TrainConfig,
+    out_dir: &Path,
+) -> Option<TrainError> {
+    let non_finite = totals.lock().ok().and_then(|t| t.non_finite);
+    if let Some((phase, loss)) = non_finite {
+        return Some(TrainError::Diverged(format!(
+            "the {phase} loss became {loss} in epoch {} of {}: training stopped and no model was written. \
+             Lower the learning rate (now {:e}), or check the data and the weights",
+            epochs.len() + 1,
+            config.epochs,
+            config.lr
+        )));
+    }
+    if let Some(e) = error {
+        return Some(TrainError::Stopped(format!(
+            "training stopped by an error after epoch {} of {}: {e}. \
+             Nothing was lost: fix the cause and run the same command again to resume \
+             (details in {})",
+            epochs.len(),
+            config.epochs,
+            out_dir.join("experiment.log").display()
+        )));
+    }
+    if epochs.len() < config.epochs {
+        return Some(TrainError::Stopped(format!(
+            "training stopped after epoch {} of {}{}; run the same command again to resume",
+            epochs.len(),
+            config.epochs,
+            interrupted
+                .map(|i| format!(" ({i:?})"))
+                .unwrap_or_default()
+        )));
+    }
+    None
+}
+
 /// Trains `model` through burn-train's `SupervisedTraining` and `Learner`
 /// (Adam, accuracy and loss metrics, checkpoints every epoch), resuming
 /// from `run.resume` when set.
@@ -379,11 +558,16 @@ fn launch<M>(
     train_loader: Arc<dyn DataLoader<<M as TrainStep>::Input>>,
     valid_loader: Arc<dyn DataLoader<<M as InferenceStep>::Input>>,
     run: Run<'_>,
-) -> (M, Vec<EpochMetrics>)
+) -> Result<(M, Vec<EpochMetrics>), TrainError>
 where
     M: LearnerModel,
     (AccuracyMetric, LossMetric): MetricRegistration<M>,
 {
+    let interrupter = burn::train::Interrupter::new();
+    if let Ok(mut t) = run.totals.lock() {
+        t.on_non_finite = Some(interrupter.clone());
+    }
+    let totals = Arc::clone(&run.totals);
     let epochs = Arc::new(Mutex::new(run.done));
     let dashboard = std::io::stdout().is_terminal();
     let logger = LessonLogger {
@@ -405,6 +589,7 @@ where
         .num_epochs(run.config.epochs)
         .with_default_checkpointers()
         .with_training_strategy(TrainingStrategy::Default(run.strategy))
+        .with_interrupter(interrupter)
         .with_progress_logger(logger);
     if let Some(epoch) = run.resume {
         training = training.checkpoint(epoch);
@@ -412,7 +597,21 @@ where
     if !dashboard {
         training = training.renderer(Box::new(PlainRenderer::default()));
     }
-    let result = training.launch(learner);
+    // A panic inside burn-train (it has `expect`s on checkpoint files)
+    // becomes an error that says what to do.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training.launch(learner)))
+        .map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            TrainError::Stopped(format!(
+                "training stopped inside burn-train: {why}. If {} holds a damaged checkpoint, \
+                 run the same command with --restart to start afresh",
+                run.out_dir.display()
+            ))
+        })?;
     let epochs = epochs.lock().map(|e| e.clone()).unwrap_or_default();
     if dashboard {
         // The dashboard owned the screen during training: the lesson's lines now.
@@ -420,7 +619,17 @@ where
             println!("{}", lesson_lines(m, run.config.epochs));
         }
     }
-    (result.model, epochs)
+    if let Some(e) = unfinished(
+        result.error,
+        result.interrupted,
+        &totals,
+        &epochs,
+        run.config,
+        run.out_dir,
+    ) {
+        return Err(e);
+    }
+    Ok((result.model, epochs))
 }
 
 /// The one device of a strategy; multi-device strategies are refused
@@ -454,12 +663,9 @@ pub fn train(
     )
 }
 
-/// [`train`] with Burn's `ExecutionStrategy` (single device for now).
-///
-/// When `out_dir` holds an unfinished run with the same configuration
-/// (interrupted: checkpoints and metrics but no `model.bpk`), training
-/// resumes after its last complete epoch; the finished epochs keep their
-/// rows in `metrics.csv`. Otherwise `out_dir` is started afresh.
+/// [`train`] with Burn's `ExecutionStrategy` (single device for now),
+/// keeping a finished run in `out_dir` until the new one has finished (see
+/// [`train_with_policy`]).
 pub fn train_with(
     backbone: LoadedModel,
     root: &Path,
@@ -467,58 +673,115 @@ pub fn train_with(
     config: &TrainConfig,
     strategy: ExecutionStrategy,
 ) -> Result<TrainOutcome, TrainError> {
-    if config.epochs == 0 || config.batch_size == 0 || config.lr.is_nan() || config.lr <= 0.0 {
-        return Err(TrainError::Config(format!(
-            "epochs, batch size and learning rate must be positive (got {}, {}, {})",
-            config.epochs, config.batch_size, config.lr
-        )));
-    }
-    if config.feature_cache && config.bn_mode == BnMode::Lesson {
-        return Err(TrainError::Config(
-            "the feature cache needs BatchNorm `frozen`: in `lesson` mode the features depend on the batch".into(),
-        ));
-    }
-    if config.feature_cache && config.cache_views == 0 {
-        return Err(TrainError::Config("cache views must be at least 1".into()));
-    }
-    if config.feature_cache && !config.augment && config.cache_views > 1 {
-        return Err(TrainError::Config(format!(
-            "{} cache views without augmentation would be {} identical copies: turn augmentation on or use one view",
-            config.cache_views, config.cache_views
-        )));
-    }
+    train_with_policy(
+        backbone,
+        root,
+        out_dir,
+        config,
+        strategy,
+        OutputPolicy::default(),
+    )
+}
+
+/// [`train_with`], with what may happen to what `out_dir` already holds.
+///
+/// When `out_dir` holds an unfinished run with the same configuration
+/// (interrupted: checkpoints and metrics but no `model.bpk`), training
+/// resumes after its last complete epoch whose checkpoint reads back; the
+/// finished epochs keep their rows in `metrics.csv` (`policy.restart`
+/// starts afresh instead). A finished run stays until the new one has
+/// finished, unless `policy.overwrite`. Only files avp writes are ever
+/// removed, and a lock keeps a second run out (see [`crate::output`]). An
+/// error inside burn-train's loop, or a loss that is not finite, fails the
+/// run and writes no `model.bpk`.
+pub fn train_with_policy(
+    backbone: LoadedModel,
+    root: &Path,
+    out_dir: &Path,
+    config: &TrainConfig,
+    strategy: ExecutionStrategy,
+    policy: OutputPolicy,
+) -> Result<TrainOutcome, TrainError> {
+    config.validate()?;
     let device = strategy_device(&strategy)?;
-    let (train_folder, valid_folder) = open_splits(root)?;
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(TrainError::Config(format!(
+            "the output folder {} is a file, not a folder: pass --out with a folder (it is created if missing)",
+            out_dir.display()
+        )));
+    }
+    if let Some(dir) = config.feature_cache.then(|| feature_dir(config)) {
+        crate::cache::check_writable(&dir)?;
+    }
+    let options = OpenOptions {
+        follow_links: config.follow_links,
+        ..OpenOptions::default()
+    };
+    let (train_folder, valid_folder) = open_splits_with(root, options)?;
     println!("{train_folder}");
     println!("{valid_folder}");
     backbone.model.check_input_size(224, 224)?;
+    if config.feature_cache {
+        let views = if config.augment { config.cache_views } else { 1 };
+        crate::cache::check_table_size(
+            "train",
+            views,
+            train_folder.len(),
+            backbone.model.num_features(),
+            (config.cache_max_gb * 1e9) as u64,
+        )?;
+    }
     let classes = train_folder.classes.clone();
-    std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
+    // Nothing is written into `out_dir` before this lock is held.
+    let _lock = crate::output::OutputLock::acquire(out_dir)?;
+    crate::output::remove_scratch(out_dir)?;
+    let finished = out_dir.join("model.bpk").exists();
+    if finished && policy.overwrite {
+        println!("--overwrite: removing the finished run in {}", out_dir.display());
+        crate::output::remove_run(out_dir)?;
+    }
+    // A finished run stays where it is until this one has finished.
+    let staging = out_dir.join(crate::output::STAGING);
+    let work = if finished && !policy.overwrite {
+        println!(
+            "{} holds a finished run: it is kept until this run has finished (--overwrite replaces it now)",
+            out_dir.display()
+        );
+        std::fs::create_dir_all(&staging).map_err(|e| write_err(&staging, e))?;
+        crate::output::remove_scratch(&staging)?;
+        staging.clone()
+    } else {
+        out_dir.to_path_buf()
+    };
     let identity = run_identity(&backbone.provenance.sha256, root);
-    let resume = resume_point(out_dir, config, &backbone.provenance.sha256, root);
-    let csv = out_dir.join("metrics.csv");
+    let resume = if policy.restart {
+        None
+    } else {
+        plan_resume(&work, config, &backbone.provenance.sha256, root)?
+    };
+    let csv = work.join("metrics.csv");
     let done = match resume {
         Some(epoch) => {
             println!(
                 "{} holds an interrupted run: resuming after epoch {epoch}/{}",
-                out_dir.display(),
+                work.display(),
                 config.epochs
             );
             truncate_metrics(&csv, epoch)?
         }
         None => {
-            for stale in ["metrics.csv", "model.bpk", "curves.png", "predictions.png"] {
-                let _ = std::fs::remove_file(out_dir.join(stale));
-            }
-            let _ = std::fs::remove_dir_all(out_dir.join("checkpoint"));
+            // Only what avp wrote goes; anything else in the folder stays.
+            crate::output::remove_run(&work)?;
             config
-                .save(out_dir.join("config.json"))
-                .map_err(|e| write_err(&out_dir.join("config.json"), e))?;
-            std::fs::write(out_dir.join("run.json"), identity.to_string())
-                .map_err(|e| write_err(&out_dir.join("run.json"), e))?;
+                .save(work.join("config.json"))
+                .map_err(|e| write_err(&work.join("config.json"), e))?;
+            std::fs::write(work.join("run.json"), identity.to_string())
+                .map_err(|e| write_err(&work.join("run.json"), e))?;
             Vec::new()
         }
     };
+    let out_dir_final = out_dir;
+    let out_dir = work.as_path();
     let normalize = data_normalize(&backbone.normalization);
     let backbone_config = backbone.config.clone().with_num_classes(None);
     let normalization = backbone.normalization.clone();
@@ -545,11 +808,8 @@ pub fn train_with(
         done,
     };
     let (model, epochs, cache) = if config.feature_cache {
-        let dir = config
-            .cache_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| avp_model::cache_root().join("features"));
+        let dir = feature_dir(config);
+        let max_bytes = (config.cache_max_gb * 1e9) as u64;
         let id = BackboneId {
             model: &backbone_model,
             weights_sha256: &weights_sha256,
@@ -568,6 +828,7 @@ pub fn train_with(
             views,
             seed: config.seed,
             batch_size: 8,
+            max_bytes,
         };
         let (train_table, o1) = crate::cache::features(
             &id,
@@ -597,7 +858,7 @@ pub fn train_with(
             Arc::new(train_loader),
             Arc::new(valid_loader),
             run(totals),
-        );
+        )?;
         let model = Classifier::new(backbone_model, trained.head, config.bn_mode)?;
         (model, epochs, Some(origin))
     } else {
@@ -614,14 +875,14 @@ pub fn train_with(
             Arc::new(train_loader),
             Arc::new(valid_loader),
             run(totals),
-        );
+        )?;
         (model, epochs, None)
     };
     let outcome = TrainOutcome {
         model,
         classes,
         epochs,
-        out_dir: out_dir.to_path_buf(),
+        out_dir: out_dir_final.to_path_buf(),
         backbone_config,
         normalization,
         resumed_after: resume,
@@ -635,5 +896,17 @@ pub fn train_with(
         &out_dir.join("model.bpk"),
     )?;
     crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
+    if out_dir != out_dir_final {
+        crate::output::swap_in(out_dir, out_dir_final)?;
+    }
     Ok(outcome)
+}
+
+/// The feature cache folder of `config`.
+fn feature_dir(config: &TrainConfig) -> PathBuf {
+    config
+        .cache_dir
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| avp_model::cache_root().join("features"))
 }

@@ -48,6 +48,7 @@ fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentati
         views: 3,
         seed: 7,
         batch_size: 4,
+        max_bytes: 1 << 30,
     };
     let (table, origin) = features(&id, &job, None, &device).unwrap();
     assert_eq!(origin, CacheOrigin::Computed);
