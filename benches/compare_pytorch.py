@@ -157,7 +157,7 @@ def main():
             backend = backend or args.device
             iters = ["--iters", "2"] if backend == "ndarray" else []
             row(name, f"ResNet50 forward, batch {b}" + (f", {backend}" if backend != args.device else ""),
-                [speed, "--weights", r50, "--batch", b, "--device", backend] + iters,
+                [speed, "--weights", r50, "--batch-size", b, "--device", backend] + iters,
                 py + ["--backbone", "resnet50", "--bench-inference", b, "--out", os.path.join(args.work, f"{name}.pytorch.json")],
                 "inference")
         elif name in ("lesson18", "cache18"):

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use avp::data::decode_rgb8;
 use avp::model::parse_device;
-use avp::train::{BnMode, ExecutionStrategy, OutputPolicy, TrainConfig, train_with_policy};
+use avp::train::{
+    Augmentation, BnMode, EvalTransform, ExecutionStrategy, OutputPolicy, TrainConfig,
+    train_with_policy,
+};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
@@ -20,6 +23,26 @@ use common::{DEFAULT_WEIGHTS, load_backbone};
 
 /// The lesson's photos, committed.
 const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AugmentArg {
+    /// The lesson's RandomAffine(0, shear=10, scale=(0.8,1.2)) + flip, after the squash.
+    Lesson,
+    /// torchvision's tutorial: RandomResizedCrop(224) + flip.
+    Tutorial,
+    /// No augmentation (the evaluation transform for training too).
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EvalArg {
+    /// The weights' own (torchvision's and timm's Resize(256) + CenterCrop(224)), else squash.
+    Auto,
+    /// The lesson's Resize((224, 224)).
+    Squash,
+    /// Resize(256) + CenterCrop(224).
+    CenterCrop,
+}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BnArg {
@@ -41,7 +64,9 @@ struct Args {
     /// Backbone weights: .onnx, .pth/.pt, .safetensors or .bpk, or a known
     /// name to download once into the cache: torchvision-resnet50 (the
     /// lesson's network: torchvision's IMAGENET1K_V1), torchvision-resnet18,
-    /// -34, -101, -152.
+    /// -34, -101, -152 (found in torch's own cache when it has them); or
+    /// hf:OWNER/NAME[/FILE] from the Hugging Face hub (e.g.
+    /// hf:timm/resnet50.a1_in1k).
     #[arg(long, env = "AVP_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
     weights: PathBuf,
     /// Preprocessing ONNX that defines the backbone's input normalization
@@ -69,9 +94,15 @@ struct Args {
     /// BatchNorm behaviour of the frozen backbone while training.
     #[arg(long, value_enum, default_value = "frozen")]
     bn_mode: BnArg,
-    /// Train without the lesson's augmentation.
+    /// Training augmentation.
+    #[arg(long, value_enum, default_value = "lesson")]
+    augment: AugmentArg,
+    /// Train without augmentation (the same as --augment none).
     #[arg(long)]
     no_augment: bool,
+    /// Validation and prediction transform.
+    #[arg(long, value_enum, default_value = "auto")]
+    eval_transform: EvalArg,
     /// Run the backbone once per image and train the head on the stored
     /// features (much faster; with augmentation it needs --cache-views).
     /// The features are kept on disk and reused by later runs with the same
@@ -118,7 +149,8 @@ fn main() -> Result<()> {
     }
     let known_name = avp::model::download::downloadable()
         .iter()
-        .any(|k| Path::new(&k.name) == args.weights);
+        .any(|k| Path::new(&k.name) == args.weights)
+        || args.weights.to_string_lossy().starts_with("hf:");
     if from_env("weights") && !args.weights.exists() && !known_name {
         bail!(
             "AVP_WEIGHTS={} does not exist: set AVP_WEIGHTS to a weights file or a known name, or unset it \
@@ -129,7 +161,10 @@ fn main() -> Result<()> {
     if from_env("prep") && args.prep.as_ref().is_some_and(|p| !p.is_file()) {
         bail!(
             "AVP_PREP={} does not exist: set AVP_PREP to a preprocessing ONNX file, or unset it",
-            args.prep.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            args.prep
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         );
     }
     if args.out.exists() && !args.out.is_dir() {
@@ -145,8 +180,9 @@ fn main() -> Result<()> {
             args.data.display()
         );
     }
+    let no_augment = args.no_augment || matches!(args.augment, AugmentArg::None);
     let feature_cache = args.feature_cache || args.cache_views.is_some();
-    if feature_cache && !args.no_augment && args.cache_views.is_none() {
+    if feature_cache && !no_augment && args.cache_views.is_none() {
         bail!(
             "--feature-cache with augmentation needs --cache-views K (K augmented views per image); \
              or add --no-augment to cache one plain view per image"
@@ -170,18 +206,23 @@ fn main() -> Result<()> {
         .with_batch_size(args.batch_size)
         .with_lr(args.lr)
         .with_seed(args.seed)
-        .with_augment(!args.no_augment)
+        .with_augment(!no_augment)
+        .with_augmentation(match args.augment {
+            AugmentArg::Tutorial => Augmentation::Tutorial,
+            AugmentArg::Lesson | AugmentArg::None => Augmentation::Lesson,
+        })
+        .with_eval_transform(match args.eval_transform {
+            EvalArg::Auto => EvalTransform::Auto,
+            EvalArg::Squash => EvalTransform::Squash,
+            EvalArg::CenterCrop => EvalTransform::CenterCrop,
+        })
         .with_bn_mode(match args.bn_mode {
             BnArg::Frozen => BnMode::Frozen,
             BnArg::Lesson => BnMode::Lesson,
         })
         .with_feature_cache(feature_cache)
         .with_cache_views(args.cache_views.unwrap_or(1))
-        .with_cache_dir(
-            args.cache_dir
-                .as_ref()
-                .map(|d| d.to_string_lossy().into_owned()),
-        )
+        .with_cache_dir(args.cache_dir.clone())
         .with_cache_max_gb(args.cache_max_gb)
         .with_follow_links(args.follow_links);
     // Refused here, before the backbone is loaded.

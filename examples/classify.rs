@@ -11,9 +11,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use avp::data::{Pipeline, Rng, decode_rgb8};
+use avp::data::{Rng, decode_rgb8};
 use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
-use avp::train::{data_normalize, load_model};
+use avp::train::{EvalTransform, eval_pipeline, load_model};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
@@ -47,6 +47,21 @@ struct Args {
     /// Print logits and probabilities as JSON.
     #[arg(long)]
     json: bool,
+    /// The transform: `auto` is what the model's validation used (a
+    /// trained model.bpk) or the weights' own (torchvision's
+    /// Resize(256) + CenterCrop(224)), else the lesson's squash.
+    #[arg(long, value_enum, default_value = "auto")]
+    eval_transform: EvalArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum EvalArg {
+    /// The model's or the weights' own.
+    Auto,
+    /// Resize((224, 224)).
+    Squash,
+    /// Resize(256) + CenterCrop(224).
+    CenterCrop,
 }
 
 fn main() -> Result<()> {
@@ -116,7 +131,12 @@ fn main() -> Result<()> {
                 )
             }
         };
-    let eval = Pipeline::eval(data_normalize(&normalization));
+    let choice = match args.eval_transform {
+        EvalArg::Auto => EvalTransform::Auto,
+        EvalArg::Squash => EvalTransform::Squash,
+        EvalArg::CenterCrop => EvalTransform::CenterCrop,
+    };
+    let eval = eval_pipeline(&choice.resolve(&normalization));
     let [c, h, w] = eval.output_shape();
     let mut results = Vec::new();
     let mut failed = Vec::new();

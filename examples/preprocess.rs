@@ -7,7 +7,7 @@
 //!     --out /tmp/pre --augment 6 --seed 1
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use avp::data::{Normalize, Pipeline, Rng, decode_rgb8};
@@ -15,6 +15,10 @@ use avp::model::{LoadOptions, load_weights, npy, parse_device};
 use avp::train::data_normalize;
 use clap::Parser;
 use image::RgbImage;
+
+/// The committed ResNet18 and its preprocessing file: the programs' default backbone.
+const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
+const DEFAULT_PREP: &str = "weights/mlnet-resnet18/ResNetPreprocess.onnx";
 
 /// Write what the network sees for some images.
 #[derive(Parser, Debug)]
@@ -26,13 +30,19 @@ struct Args {
     /// Output folder (created if needed).
     #[arg(long)]
     out: PathBuf,
-    /// Take the normalization from this weights file (torchvision's ImageNet
-    /// normalization otherwise).
+    /// Take the normalization from this weights file (default: the
+    /// committed ResNet18, the default backbone of the other programs, whose
+    /// input is BGR 0..255).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Preprocessing ONNX file that defines the normalization (with --weights).
-    #[arg(long, requires = "weights")]
+    /// Preprocessing ONNX file that defines the normalization (default: the
+    /// committed ResNet18's, with the default weights).
+    #[arg(long)]
     prep: Option<PathBuf>,
+    /// Use torchvision's ImageNet normalization (RGB 0..1, ImageNet mean and
+    /// std) instead of a backbone's.
+    #[arg(long, conflicts_with_all = ["weights", "prep"])]
+    imagenet: bool,
     /// Also write augment.png: N augmented versions of each image (the
     /// lesson's RandomAffine and RandomHorizontalFlip), one row per image.
     #[arg(long, value_name = "N")]
@@ -48,18 +58,27 @@ fn main() -> Result<()> {
     if args.augment.is_some_and(|n| n == 0 || n > 64) {
         bail!("--augment takes 1 to 64 versions per image");
     }
-    let normalize = match &args.weights {
-        Some(w) => {
-            let device = parse_device("flex")?;
-            let options = LoadOptions {
-                prep: args.prep.clone(),
-                ..Default::default()
-            };
-            let loaded = load_weights(w, &device, &options)?;
-            println!("normalization: {}", loaded.normalization.describe());
-            data_normalize(&loaded.normalization)
-        }
-        None => Normalize::imagenet(),
+    let normalize = if args.imagenet {
+        println!("normalization: torchvision's ImageNet statistics");
+        Normalize::imagenet()
+    } else {
+        // The same default backbone as the training and speed programs.
+        let weights = args
+            .weights
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS));
+        let prep = args.prep.clone().or_else(|| {
+            (weights == Path::new(DEFAULT_WEIGHTS)).then(|| PathBuf::from(DEFAULT_PREP))
+        });
+        let device = parse_device("flex")?;
+        let options = LoadOptions {
+            prep,
+            ..Default::default()
+        };
+        let loaded = load_weights(&weights, &device, &options)
+            .with_context(|| format!("loading {}", weights.display()))?;
+        println!("normalization: {}", loaded.normalization.describe());
+        data_normalize(&loaded.normalization)
     };
     let images: Vec<RgbImage> = args
         .images

@@ -7,7 +7,7 @@
 //! measures the same thing with statistics, for humans).
 //!
 //! ```text
-//! cargo run --example speed -- --weights resnet50.pth --batch 1,8,32
+//! cargo run --example speed -- --weights resnet50.pth --batch-size 1,8,32
 //! ```
 
 use std::path::PathBuf;
@@ -28,9 +28,14 @@ struct Args {
     /// Backend.
     #[arg(long, default_value = "flex")]
     device: String,
-    /// Batch sizes, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "8")]
-    batch: Vec<usize>,
+    /// Batch sizes, comma-separated (`--batch` is an alias).
+    #[arg(
+        long,
+        visible_alias = "batch",
+        value_delimiter = ',',
+        default_value = "8"
+    )]
+    batch_size: Vec<usize>,
     /// Timed batches per size (after one warm-up batch).
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -64,7 +69,7 @@ fn main() -> Result<()> {
         variants.push(("folded", "fused", &fused));
     }
     for (&batch, &(bn, kernels, model)) in args
-        .batch
+        .batch_size
         .iter()
         .flat_map(|b| variants.iter().map(move |v| (b, v)))
     {

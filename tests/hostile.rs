@@ -114,7 +114,11 @@ fn succeeds(c: &mut Command) -> String {
 fn fails(c: &mut Command, says: &str) -> (String, String) {
     let o = c.output().unwrap();
     let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "expected a clean failure:\n{out}\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean failure:\n{out}\n{err}"
+    );
     assert!(!err.contains("panicked"), "a panic:\n{err}");
     assert!(err.contains(says), "no `{says}` in:\n{err}");
     (out, err)
@@ -128,7 +132,7 @@ fn final_accuracy(stdout: &str) -> String {
         .to_string()
 }
 
-/// 1. Links to folders inside a class folder are not followed (they used
+/// Finding 1: Links to folders inside a class folder are not followed (they used
 /// to loop, repeat a class's photos, or label the other class's photos);
 /// with --follow-links a cycle is walked once and a link out of the class
 /// folder is refused.
@@ -155,7 +159,7 @@ fn links_to_folders_neither_loop_nor_mislabel() {
     assert!(out.contains("8 images (alien 4, predator 4)"), "{out}");
 }
 
-/// 2. A checkpoint that cannot be written (a file named `checkpoint` in
+/// Finding 2: A checkpoint that cannot be written (a file named `checkpoint` in
 /// --out) fails the run: it used to print "training done" and a final
 /// accuracy after one epoch and exit 0.
 #[test]
@@ -171,10 +175,13 @@ fn a_failed_checkpoint_write_fails_the_run() {
     );
     assert!(!stdout.contains("final validation accuracy"), "{stdout}");
     assert!(!out.join("model.bpk").exists());
-    assert_eq!(std::fs::read(out.join("checkpoint")).unwrap(), b"a user's file");
+    assert_eq!(
+        std::fs::read(out.join("checkpoint")).unwrap(),
+        b"a user's file"
+    );
 }
 
-/// 3. A damaged feature cache file (a flipped byte) is computed again, and
+/// Finding 3: A damaged feature cache file (a flipped byte) is computed again, and
 /// the run is the run on intact features.
 #[test]
 fn a_damaged_feature_cache_is_recomputed_not_used() {
@@ -197,11 +204,17 @@ fn a_damaged_feature_cache_is_recomputed_not_used() {
         std::fs::write(f, bytes).unwrap();
     }
     let second = succeeds(&mut lesson(&data, &s.0.join("b"), &flags));
-    assert_eq!(second.matches("damaged or stale; computing it again").count(), 2, "{second}");
+    assert_eq!(
+        second
+            .matches("damaged or stale; computing it again")
+            .count(),
+        2,
+        "{second}"
+    );
     assert_eq!(final_accuracy(&first), final_accuracy(&second));
 }
 
-/// 4. --out: files avp did not write stay; a finished run stays until the
+/// Finding 4: --out: files avp did not write stay; a finished run stays until the
 /// new one has finished (a rerun killed on the way loses nothing); a
 /// second run into a locked folder is refused; a damaged checkpoint says
 /// to use --restart; --overwrite replaces a finished run.
@@ -237,7 +250,10 @@ fn the_output_folder_keeps_what_avp_did_not_write_and_finished_runs() {
     // A rerun finishes and replaces the finished run; user files stay.
     succeeds(&mut lesson(&data, &out, &["--epochs", "2", "--seed", "1"]));
     assert!(!staging.exists(), "the staging folder was left behind");
-    assert_eq!(std::fs::read(out.join("checkpoint/thesis.txt")).unwrap(), b"my thesis");
+    assert_eq!(
+        std::fs::read(out.join("checkpoint/thesis.txt")).unwrap(),
+        b"my thesis"
+    );
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"notes");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -265,17 +281,27 @@ fn the_output_folder_keeps_what_avp_did_not_write_and_finished_runs() {
     let ckpt = interrupted.join("checkpoint/model-1.bpk");
     let bytes = std::fs::read(&ckpt).unwrap();
     std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
-    fails(&mut lesson(&data, &interrupted, &["--epochs", "2"]), "--restart");
-    succeeds(&mut lesson(&data, &interrupted, &["--epochs", "2", "--restart"]));
+    fails(
+        &mut lesson(&data, &interrupted, &["--epochs", "2"]),
+        "--restart",
+    );
+    succeeds(&mut lesson(
+        &data,
+        &interrupted,
+        &["--epochs", "2", "--restart"],
+    ));
     assert!(interrupted.join("model.bpk").is_file());
 
     // --overwrite trains in place.
     let out2 = succeeds(&mut lesson(&data, &out, &["--epochs", "2", "--overwrite"]));
-    assert!(out2.contains("--overwrite: removing the finished run"), "{out2}");
+    assert!(
+        out2.contains("--overwrite: removing the finished run"),
+        "{out2}"
+    );
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"notes");
 }
 
-/// 5. Numbers that used to panic or abort: a view count that overflows,
+/// Finding 5: Numbers that used to panic or abort: a view count that overflows,
 /// one that needs terabytes, and a JSON file name that is not UTF-8.
 #[test]
 fn user_numbers_and_names_never_panic() {
@@ -287,7 +313,12 @@ fn user_numbers_and_names_never_panic() {
             &mut lesson_augmented(
                 &data,
                 &s.0.join("run"),
-                &["--cache-views", views, "--cache-dir", cache.to_str().unwrap()],
+                &[
+                    "--cache-views",
+                    views,
+                    "--cache-dir",
+                    cache.to_str().unwrap(),
+                ],
             ),
             "--cache-views",
         );
@@ -297,7 +328,7 @@ fn user_numbers_and_names_never_panic() {
     }
 }
 
-/// 6. Nonsense that used to be accepted: an infinite learning rate, and a
+/// Finding 6: Nonsense that used to be accepted: an infinite learning rate, and a
 /// run whose loss becomes NaN or infinite.
 #[test]
 fn nonsense_learning_rates_and_diverging_runs_fail() {
@@ -318,7 +349,7 @@ fn nonsense_learning_rates_and_diverging_runs_fail() {
     assert!(!out.join("model.bpk").exists());
 }
 
-/// 7. Messages that name the problem and the way out.
+/// Finding 7: Messages that name the problem and the way out.
 #[test]
 fn unclear_situations_get_clear_messages() {
     let s = scratch("messages");
@@ -338,13 +369,20 @@ fn unclear_situations_get_clear_messages() {
     fails(&mut c, "AVP_WEIGHTS=");
     // --out that is a file.
     std::fs::write(s.0.join("file"), b"x").unwrap();
-    fails(&mut lesson(&data, &s.0.join("file"), &[]), "is a file, not a folder");
+    fails(
+        &mut lesson(&data, &s.0.join("file"), &[]),
+        "is a file, not a folder",
+    );
     // A cache folder that cannot be created, before the backbone pass.
     let (stdout, _) = fails(
         &mut lesson(
             &data,
             &s.0.join("r"),
-            &["--feature-cache", "--cache-dir", s.0.join("file/cache").to_str().unwrap()],
+            &[
+                "--feature-cache",
+                "--cache-dir",
+                s.0.join("file/cache").to_str().unwrap(),
+            ],
         ),
         "is not writable",
     );
@@ -356,7 +394,14 @@ fn unclear_situations_get_clear_messages() {
     let run = s.0.join("trained");
     succeeds(&mut lesson(&data, &run, &[]));
     std::fs::write(s.0.join("broken.jpg"), b"not an image").unwrap();
-    let good = data.join("val/alien").read_dir().unwrap().next().unwrap().unwrap().path();
+    let good = data
+        .join("val/alien")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let o = command("classify")
         .arg("--model")
         .arg(&run)
@@ -367,8 +412,15 @@ fn unclear_situations_get_clear_messages() {
         .unwrap();
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
-    assert_eq!(out.lines().filter(|l| l.contains("% alien")).count(), 2, "{out}");
-    assert!(err.contains("broken.jpg") && err.contains("1 of 3 image(s) could not be read"), "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("% alien")).count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        err.contains("broken.jpg") && err.contains("1 of 3 image(s) could not be read"),
+        "{err}"
+    );
 
     // preprocess refuses a view count before writing anything.
     let o = command("preprocess")
@@ -382,7 +434,7 @@ fn unclear_situations_get_clear_messages() {
     assert!(!s.0.join("pre/batch.npy").exists());
 }
 
-/// 5 (names). `classify --json` on a file name that is not UTF-8.
+/// Finding 5 (names): `classify --json` on a file name that is not UTF-8.
 #[cfg(unix)]
 #[test]
 fn classify_json_takes_any_file_name() {
@@ -391,7 +443,14 @@ fn classify_json_takes_any_file_name() {
     let data = small_dataset(&s.0);
     let run = s.0.join("trained");
     succeeds(&mut lesson(&data, &run, &[]));
-    let good = data.join("val/alien").read_dir().unwrap().next().unwrap().unwrap().path();
+    let good = data
+        .join("val/alien")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let odd = s.0.join(std::ffi::OsStr::from_bytes(b"caf\xe9.jpg"));
     std::fs::copy(&good, &odd).unwrap();
     let o = command("classify")
@@ -405,11 +464,17 @@ fn classify_json_takes_any_file_name() {
     assert!(o.status.success(), "{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = &v["results"][0];
-    assert!(r["image"].as_str().unwrap().ends_with("caf\u{fffd}.jpg"), "{r}");
-    assert!(r["image_raw"].as_str().unwrap().ends_with("caf\\xe9.jpg"), "{r}");
+    assert!(
+        r["image"].as_str().unwrap().ends_with("caf\u{fffd}.jpg"),
+        "{r}"
+    );
+    assert!(
+        r["image_raw"].as_str().unwrap().ends_with("caf\\xe9.jpg"),
+        "{r}"
+    );
 }
 
-/// 8. A scratch file left by a write that was killed
+/// Finding 8: A scratch file left by a write that was killed
 /// (`model.bpk.<pid>-N.tmp`) is removed by the next run.
 #[test]
 fn scratch_files_of_killed_writes_are_removed() {

@@ -128,4 +128,16 @@ mod tests {
             decode_rgb8_bytes(Path::new("notes.jpg"), b"hello world, not a picture").unwrap_err();
         assert!(e.to_string().contains("notes.jpg"), "{e}");
     }
+
+    /// `ppm` and `pgm` are in torchvision's extension list: they must
+    /// decode (the `image` crate's `pnm` feature), not be skipped.
+    #[test]
+    fn ppm_and_pgm_decode() {
+        let ppm = b"P6\n2 1\n255\n\x0a\x14\x1e\xc8\x64\x32";
+        let img = decode_rgb8_bytes(Path::new("a.ppm"), ppm).unwrap();
+        assert_eq!(img.as_raw(), &[10, 20, 30, 200, 100, 50]);
+        let pgm = b"P5\n2 1\n255\n\x07\xfa";
+        let img = decode_rgb8_bytes(Path::new("a.pgm"), pgm).unwrap();
+        assert_eq!(img.as_raw(), &[7, 7, 7, 250, 250, 250]);
+    }
 }

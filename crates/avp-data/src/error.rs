@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while opening or reading an image folder.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DataError {
     /// The dataset root does not exist or is not a folder.
     #[error(

@@ -21,6 +21,7 @@ pub use error::DataError;
 pub use folder::{IMG_EXTENSIONS, ImageFolder, OpenOptions, Sample, Skipped, Split};
 pub use loader::{OrderedLoader, epoch_order};
 pub use transform::{
-    AffineParams, Channels, Normalize, Pipeline, RandomAffine, RandomHorizontalFlip, Resize, Rng,
-    affine, inverse_affine_matrix,
+    AffineParams, CenterCrop, Channels, CropBox, Geometry, Normalize, Pipeline, RandomAffine,
+    RandomHorizontalFlip, RandomResizedCrop, Resize, ResizeShorter, Rng, affine, crop,
+    inverse_affine_matrix,
 };

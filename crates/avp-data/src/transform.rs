@@ -5,6 +5,13 @@
 //! also does `ToTensor`: CHW, scaled, per-channel mean and std, in the
 //! channel order the network reads).
 //!
+//! Besides the lesson's squash to 224x224, torchvision's ImageNet
+//! conventions: the evaluation crop its (and timm's) weights were measured
+//! with, `Resize(256)` + `CenterCrop(224)` ([`ResizeShorter`],
+//! [`CenterCrop`]), and its transfer-learning tutorial's training
+//! transform, [`RandomResizedCrop`]`(224)` + flip; [`Pipeline`] picks one
+//! [`Geometry`].
+//!
 //! Randomness comes from a [`Rng`] seeded by `(seed, epoch, index)`, so an
 //! image gets the same augmentation whatever the number of loader workers.
 
@@ -79,6 +86,196 @@ impl Resize {
         }
         RgbImage::from_raw(self.width, self.height, dst.into_vec())
             .unwrap_or_else(|| RgbImage::new(self.width, self.height))
+    }
+}
+
+/// torchvision's `Resize(size)` with one number: the shorter side becomes
+/// `size` and the longer one `int(size * long / short)` (truncated, as
+/// torchvision does), with the same filter as [`Resize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeShorter {
+    /// The shorter side after resizing.
+    pub size: u32,
+}
+
+impl ResizeShorter {
+    /// The output (width, height) for an input of `(w, h)`.
+    pub fn output_size(&self, (w, h): (u32, u32)) -> (u32, u32) {
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        let new_long = ((self.size as u64 * long as u64) / short.max(1) as u64) as u32;
+        if w <= h {
+            (self.size, new_long.max(1))
+        } else {
+            (new_long.max(1), self.size)
+        }
+    }
+
+    /// Applies the resize.
+    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+        let (w, h) = self.output_size(img.dimensions());
+        Resize::new(h, w).apply(img)
+    }
+}
+
+/// A crop box: rows `top..top + height`, columns `left..left + width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CropBox {
+    /// First row.
+    pub top: u32,
+    /// First column.
+    pub left: u32,
+    /// Rows.
+    pub height: u32,
+    /// Columns.
+    pub width: u32,
+}
+
+/// Crops `img` to `b`; parts outside the image are filled with black (as
+/// torchvision pads an image smaller than its centre crop).
+pub fn crop(img: &RgbImage, b: CropBox) -> RgbImage {
+    let (w, h) = img.dimensions();
+    RgbImage::from_fn(b.width, b.height, |x, y| {
+        let (sx, sy) = (b.left as i64 + x as i64, b.top as i64 + y as i64);
+        if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
+            *img.get_pixel(sx as u32, sy as u32)
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+}
+
+/// torchvision's `CenterCrop(size)`: the box's top-left corner is
+/// `round((H - h) / 2)`, `round((W - w) / 2)` with Python's rounding (half
+/// to even).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CenterCrop {
+    /// Output height.
+    pub height: u32,
+    /// Output width.
+    pub width: u32,
+}
+
+impl CenterCrop {
+    /// The box for an image of `(w, h)` (negative offsets, for an image
+    /// smaller than the crop, are clamped: the rest is padding).
+    pub fn crop_box(&self, (w, h): (u32, u32)) -> (i64, i64) {
+        let half =
+            |big: u32, small: u32| ((big as f64 - small as f64) / 2.0).round_ties_even() as i64;
+        (half(h, self.height), half(w, self.width))
+    }
+
+    /// Applies the crop.
+    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+        let (top, left) = self.crop_box(img.dimensions());
+        let (w, h) = img.dimensions();
+        RgbImage::from_fn(self.width, self.height, |x, y| {
+            let (sx, sy) = (left + x as i64, top + y as i64);
+            if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
+                *img.get_pixel(sx as u32, sy as u32)
+            } else {
+                image::Rgb([0, 0, 0])
+            }
+        })
+    }
+}
+
+/// torchvision's `RandomResizedCrop(size, scale=(0.08, 1.0),
+/// ratio=(3/4, 4/3))`: a box of random area and aspect ratio (ten tries,
+/// then a centred fallback, as torchvision's `get_params`), cropped and
+/// resized to `size x size` with [`Resize`]'s filter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RandomResizedCrop {
+    /// Output side.
+    pub size: u32,
+    /// Range of the box's area, as a fraction of the image's.
+    pub scale: (f64, f64),
+    /// Range of the box's aspect ratio (width / height).
+    pub ratio: (f64, f64),
+}
+
+impl RandomResizedCrop {
+    /// torchvision's defaults for `size`.
+    pub fn new(size: u32) -> Self {
+        Self {
+            size,
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
+    }
+
+    /// Draws a box for an image of `(w, h)`, in torchvision's steps.
+    pub fn sample(&self, (width, height): (u32, u32), rng: &mut Rng) -> CropBox {
+        let area = width as f64 * height as f64;
+        let (lo, hi) = (self.ratio.0.ln(), self.ratio.1.ln());
+        for _ in 0..10 {
+            let target = area * rng.uniform(self.scale.0, self.scale.1);
+            let aspect = rng.uniform(lo, hi).exp();
+            let w = (target * aspect).sqrt().round_ties_even() as i64;
+            let h = (target / aspect).sqrt().round_ties_even() as i64;
+            if 0 < w && w <= width as i64 && 0 < h && h <= height as i64 {
+                let top = (rng.unit() * (height as i64 - h + 1) as f64) as u32;
+                let left = (rng.unit() * (width as i64 - w + 1) as f64) as u32;
+                return CropBox {
+                    top: top.min(height - h as u32),
+                    left: left.min(width - w as u32),
+                    height: h as u32,
+                    width: w as u32,
+                };
+            }
+        }
+        // torchvision's fallback: the whole image, its ratio clamped.
+        let in_ratio = width as f64 / height.max(1) as f64;
+        let (w, h) = if in_ratio < self.ratio.0 {
+            (
+                width,
+                ((width as f64 / self.ratio.0).round_ties_even() as u32).min(height),
+            )
+        } else if in_ratio > self.ratio.1 {
+            (
+                ((height as f64 * self.ratio.1).round_ties_even() as u32).min(width),
+                height,
+            )
+        } else {
+            (width, height)
+        };
+        CropBox {
+            top: (height - h) / 2,
+            left: (width - w) / 2,
+            height: h.max(1),
+            width: w.max(1),
+        }
+    }
+
+    /// Crops `b` out of `img` and resizes it to `size x size`
+    /// (torchvision's `F.resized_crop`).
+    pub fn apply_box(&self, img: &RgbImage, b: CropBox) -> RgbImage {
+        Resize::new(self.size, self.size).apply(&crop(img, b))
+    }
+}
+
+/// How an image becomes the network's square input.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Geometry {
+    /// The lesson's `Resize((224, 224))`: the whole image, squashed.
+    #[default]
+    Squash,
+    /// torchvision's evaluation transform for its ImageNet weights:
+    /// `Resize(resize)` (shorter side) then `CenterCrop(crop)`.
+    CenterCrop {
+        /// The shorter side after resizing (256 for 224 crops).
+        resize: u32,
+        /// The crop's side.
+        crop: u32,
+    },
+    /// torchvision's tutorial training transform: `RandomResizedCrop`.
+    RandomResizedCrop(RandomResizedCrop),
+}
+
+impl Geometry {
+    /// Whether this is the lesson's squash (the pipeline's `resize`).
+    pub fn is_squash(&self) -> bool {
+        matches!(self, Geometry::Squash)
     }
 }
 
@@ -297,13 +494,22 @@ impl Normalize {
     }
 }
 
-/// The whole pipeline: resize, then (when augmenting) random affine and
-/// horizontal flip, then normalize. `Pipeline::lesson` is the lesson's
-/// training transform; `Pipeline::eval` its validation transform.
+/// The whole pipeline: resize (or another [`Geometry`]), then (when
+/// augmenting) random affine and horizontal flip, then normalize.
+/// `Pipeline::lesson` is the lesson's training transform; `Pipeline::eval`
+/// its validation transform; `Pipeline::center_crop` and
+/// `Pipeline::tutorial` torchvision's evaluation and tutorial training
+/// transforms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pipeline {
-    /// Resize applied first.
+    /// Resize applied first (with [`Geometry::Squash`]); otherwise the
+    /// output size.
     pub resize: Resize,
+    /// How the image is cut to the network's input; the squash is left out
+    /// of the serialized form, so that the lesson's pipelines (and the
+    /// feature cache keys made from them) read as they always did.
+    #[serde(default, skip_serializing_if = "Geometry::is_squash")]
+    pub geometry: Geometry,
     /// Random affine, when augmenting.
     pub affine: Option<RandomAffine>,
     /// Random flip, when augmenting.
@@ -317,8 +523,33 @@ impl Pipeline {
     pub fn eval(normalize: Normalize) -> Self {
         Self {
             resize: Resize::new(224, 224),
+            geometry: Geometry::Squash,
             affine: None,
             flip: None,
+            normalize,
+        }
+    }
+
+    /// torchvision's evaluation transform for ImageNet weights:
+    /// `Resize(resize)` + `CenterCrop(crop)` (256 and 224 for its weights).
+    pub fn center_crop(normalize: Normalize, resize: u32, crop: u32) -> Self {
+        Self {
+            resize: Resize::new(crop, crop),
+            geometry: Geometry::CenterCrop { resize, crop },
+            affine: None,
+            flip: None,
+            normalize,
+        }
+    }
+
+    /// torchvision's transfer-learning tutorial's training transform:
+    /// `RandomResizedCrop(224)` + `RandomHorizontalFlip()`.
+    pub fn tutorial(normalize: Normalize) -> Self {
+        Self {
+            resize: Resize::new(224, 224),
+            geometry: Geometry::RandomResizedCrop(RandomResizedCrop::new(224)),
+            affine: None,
+            flip: Some(RandomHorizontalFlip { p: 0.5 }),
             normalize,
         }
     }
@@ -328,6 +559,7 @@ impl Pipeline {
     pub fn lesson(normalize: Normalize) -> Self {
         Self {
             resize: Resize::new(224, 224),
+            geometry: Geometry::Squash,
             affine: Some(RandomAffine::lesson()),
             flip: Some(RandomHorizontalFlip { p: 0.5 }),
             normalize,
@@ -336,12 +568,25 @@ impl Pipeline {
 
     /// Whether the pipeline draws random numbers.
     pub fn is_random(&self) -> bool {
-        self.affine.is_some() || self.flip.is_some()
+        self.affine.is_some()
+            || self.flip.is_some()
+            || matches!(self.geometry, Geometry::RandomResizedCrop(_))
     }
 
     /// The augmented RGB image (before normalization).
     pub fn augment(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
-        let mut img = self.resize.apply(img);
+        let mut img = match &self.geometry {
+            Geometry::Squash => self.resize.apply(img),
+            Geometry::CenterCrop { resize, crop } => CenterCrop {
+                height: *crop,
+                width: *crop,
+            }
+            .apply(&ResizeShorter { size: *resize }.apply(img)),
+            Geometry::RandomResizedCrop(r) => {
+                let b = r.sample(img.dimensions(), rng);
+                r.apply_box(img, b)
+            }
+        };
         if let Some(a) = &self.affine {
             let p = a.sample(rng);
             img = affine(&img, &p, [0, 0, 0]);
@@ -436,5 +681,72 @@ mod tests {
         assert_eq!(bgr.apply(&img), vec![29.0, 18.0, 7.0]);
         let v = Normalize::imagenet().apply(&img);
         assert!((v[0] - (10.0 / 255.0 - 0.485) / 0.229).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod crop_tests {
+    use super::*;
+
+    #[test]
+    fn resize_shorter_keeps_the_aspect_ratio_as_torchvision() {
+        let r = ResizeShorter { size: 256 };
+        assert_eq!(r.output_size((500, 375)), (341, 256));
+        assert_eq!(r.output_size((375, 500)), (256, 341));
+        assert_eq!(r.output_size((100, 100)), (256, 256));
+    }
+
+    #[test]
+    fn center_crop_rounds_half_to_even_as_python() {
+        let c = CenterCrop {
+            height: 224,
+            width: 224,
+        };
+        // (341 - 224) / 2 = 58.5 -> 58 (Python's round), (256 - 224) / 2 = 16.
+        assert_eq!(c.crop_box((341, 256)), (16, 58));
+        assert_eq!(c.crop_box((343, 256)), (16, 60));
+        let img = RgbImage::from_fn(341, 256, |x, y| image::Rgb([(x % 256) as u8, y as u8, 0]));
+        let out = c.apply(&img);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert_eq!(out.get_pixel(0, 0).0, [58, 16, 0]);
+    }
+
+    #[test]
+    fn random_resized_crop_boxes_stay_inside_and_follow_the_ranges() {
+        let r = RandomResizedCrop::new(224);
+        let mut rng = Rng::for_item(3, 0, 0);
+        for (w, h) in [(500, 375), (64, 300), (224, 224), (1000, 20)] {
+            for _ in 0..500 {
+                let b = r.sample((w, h), &mut rng);
+                assert!(b.width >= 1 && b.height >= 1, "{b:?}");
+                assert!(
+                    b.left + b.width <= w && b.top + b.height <= h,
+                    "{b:?} in {w}x{h}"
+                );
+            }
+        }
+        for _ in 0..2000 {
+            let b = r.sample((400, 400), &mut rng);
+            let a = (b.width * b.height) as f64 / 160000.0;
+            assert!((0.07..=1.0).contains(&a), "{a}");
+            let ratio = b.width as f64 / b.height as f64;
+            assert!((0.7..=1.4).contains(&ratio), "{ratio}");
+        }
+        // The distribution against torchvision's: tests/torchvision_parity.rs.
+        let p = Pipeline::tutorial(Normalize::imagenet());
+        let img = RgbImage::from_pixel(300, 200, image::Rgb([9, 9, 9]));
+        assert_eq!(p.augment(&img, &mut rng).dimensions(), (224, 224));
+        assert!(p.is_random());
+    }
+
+    /// The lesson's pipelines serialize as before the crops existed (the
+    /// feature cache keys stay the same).
+    #[test]
+    fn the_lesson_pipelines_serialize_as_before() {
+        let p = serde_json::to_string(&Pipeline::eval(Normalize::imagenet())).unwrap_or_default();
+        assert!(!p.contains("geometry"), "{p}");
+        let c = serde_json::to_string(&Pipeline::center_crop(Normalize::imagenet(), 256, 224))
+            .unwrap_or_default();
+        assert!(c.contains("center_crop"), "{c}");
     }
 }

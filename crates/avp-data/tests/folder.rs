@@ -63,7 +63,10 @@ fn the_lessons_set_opens_like_torchvision_sees_it() {
     let val = ImageFolder::open(
         &lesson_root(),
         Split::Validation,
-        OpenOptions { strict: true, ..Default::default() },
+        OpenOptions {
+            strict: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(val.counts(), [100, 100]);
@@ -160,7 +163,15 @@ fn corrupt_files_are_reported_and_skipped_or_refused_in_strict_mode() {
         summary.contains("text.jpg") && summary.contains("truncated.jpg"),
         "{summary}"
     );
-    let e = ImageFolder::open(&s.0, Split::Train, OpenOptions { strict: true, ..Default::default() }).unwrap_err();
+    let e = ImageFolder::open(
+        &s.0,
+        Split::Train,
+        OpenOptions {
+            strict: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, DataError::Decode { .. }), "{e}");
     // A class whose every file is broken is an error, not an empty class.
     s.file("train/c/broken.jpg", b"nope");
@@ -304,7 +315,15 @@ fn shared() -> PathBuf {
 #[ignore = "needs ../shared (AVP_SHARED, set by .ci/run)"]
 fn hymenoptera_opens_as_torchvision_sees_it() {
     let root = shared().join("data/hymenoptera_data");
-    let train = ImageFolder::open(&root, Split::Train, OpenOptions { strict: true, ..Default::default() }).unwrap();
+    let train = ImageFolder::open(
+        &root,
+        Split::Train,
+        OpenOptions {
+            strict: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(train.classes, ["ants", "bees"]);
     assert_eq!(train.len(), 244, "{train}");
     assert!(
@@ -313,7 +332,15 @@ fn hymenoptera_opens_as_torchvision_sees_it() {
             .iter()
             .any(|p| p.ends_with("imageNotFound.gif"))
     );
-    let val = ImageFolder::open(&root, Split::Validation, OpenOptions { strict: true, ..Default::default() }).unwrap();
+    let val = ImageFolder::open(
+        &root,
+        Split::Validation,
+        OpenOptions {
+            strict: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(val.len(), 153);
 }
 
@@ -322,8 +349,24 @@ fn hymenoptera_opens_as_torchvision_sees_it() {
 fn the_shared_lesson_set_matches_the_committed_copy() {
     let root = shared().join("data/alien_vs_predator_thumbnails/data");
     for split in [Split::Train, Split::Validation] {
-        let a = ImageFolder::open(&root, split, OpenOptions { strict: true, ..Default::default() }).unwrap();
-        let b = ImageFolder::open(&lesson_root(), split, OpenOptions { strict: true, ..Default::default() }).unwrap();
+        let a = ImageFolder::open(
+            &root,
+            split,
+            OpenOptions {
+                strict: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let b = ImageFolder::open(
+            &lesson_root(),
+            split,
+            OpenOptions {
+                strict: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(a.counts(), b.counts());
         assert_eq!(a.samples.len(), b.samples.len());
     }
@@ -351,7 +394,12 @@ fn links_to_folders_are_not_followed_and_never_loop() {
     let plain = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
     assert_eq!(plain.counts(), [2, 2], "{plain}");
     assert_eq!(plain.links_not_followed.len(), 3);
-    assert!(plain.to_string().contains("3 link(s) to folders not followed"), "{plain}");
+    assert!(
+        plain
+            .to_string()
+            .contains("3 link(s) to folders not followed"),
+        "{plain}"
+    );
 
     // Following: each folder once, whatever the links.
     let follow = OpenOptions {
@@ -378,8 +426,16 @@ fn links_to_folders_are_not_followed_and_never_loop() {
     assert!(matches!(e, DataError::LinkOutsideClass { .. }), "{e}");
     std::fs::remove_file(s.0.join("train/predator/more")).unwrap();
     std::fs::create_dir_all(s.0.join("train/predator/deep/er")).unwrap();
-    std::fs::copy(s.0.join("elsewhere/e.jpg"), s.0.join("train/predator/deep/er/e.jpg")).unwrap();
-    std::fs::rename(s.0.join("train/predator/deep"), s.0.join("train/predator/.deep")).unwrap();
+    std::fs::copy(
+        s.0.join("elsewhere/e.jpg"),
+        s.0.join("train/predator/deep/er/e.jpg"),
+    )
+    .unwrap();
+    std::fs::rename(
+        s.0.join("train/predator/deep"),
+        s.0.join("train/predator/.deep"),
+    )
+    .unwrap();
     symlink(".deep/er", s.0.join("train/predator/linked")).unwrap();
     let f = ImageFolder::open(&s.0, Split::Train, follow).unwrap();
     // `.deep/er/e.jpg` directly and once more through the link: the folder
@@ -403,5 +459,8 @@ fn a_strong_class_imbalance_is_warned_about() {
     );
     std::fs::remove_file(s.0.join("train/many/9.jpg")).unwrap();
     let f = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
-    assert!(f.imbalance().is_none() && !f.to_string().contains("warning"), "{f}");
+    assert!(
+        f.imbalance().is_none() && !f.to_string().contains("warning"),
+        "{f}"
+    );
 }

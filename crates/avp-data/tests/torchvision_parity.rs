@@ -5,7 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use avp_data::{AffineParams, Resize, affine, decode_rgb8};
+use avp_data::{
+    AffineParams, CenterCrop, CropBox, RandomResizedCrop, Resize, ResizeShorter, affine,
+    decode_rgb8,
+};
 use image::RgbImage;
 
 fn fixtures() -> PathBuf {
@@ -135,6 +138,114 @@ fn other_modes_convert_to_rgb_like_pil() {
             assert!(
                 within >= 0.9 && max <= 8,
                 "{name} ({mode}): within {within}, max {max}"
+            );
+        }
+    }
+}
+
+/// torchvision's evaluation crop (`Resize(256)` + `CenterCrop(224)`) and
+/// `RandomResizedCrop`'s crop-and-resize for given boxes, on PIL's decoded
+/// pixels (`make_crop_fixtures.py`): at least 99.9% of values within one
+/// level, none more than two apart.
+#[test]
+fn imagenet_crops_match_torchvision() {
+    let dir = fixtures();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("crops.json")).unwrap()).unwrap();
+    let images = meta["images"].as_object().unwrap();
+    assert!(images.len() >= 5, "{}", images.len());
+    let mut checked = 0;
+    for (name, info) in images {
+        let decoded = png(&dir.join(format!("{name}.decoded.png")));
+        let resized = ResizeShorter { size: 256 }.apply(&decoded);
+        let want: Vec<u32> = info["resized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            [resized.width(), resized.height()],
+            want[..],
+            "{name}: Resize(256) size"
+        );
+        let ours = CenterCrop {
+            height: 224,
+            width: 224,
+        }
+        .apply(&resized);
+        let reference = png(&dir.join(format!("{name}.center_crop.png")));
+        let (frac, max) = closeness(&ours, &reference);
+        assert!(
+            frac >= 0.999 && max <= 2,
+            "{name}: center crop within 1 level {frac}, max diff {max}"
+        );
+        checked += 1;
+        let rrc = RandomResizedCrop::new(224);
+        for (k, b) in info["boxes"].as_array().unwrap().iter().enumerate() {
+            let b: Vec<u32> = b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let cb = CropBox {
+                top: b[0],
+                left: b[1],
+                height: b[2],
+                width: b[3],
+            };
+            let ours = rrc.apply_box(&decoded, cb);
+            let reference = png(&dir.join(format!("{name}.rrc{k}.png")));
+            let (frac, max) = closeness(&ours, &reference);
+            assert!(
+                frac >= 0.999 && max <= 2,
+                "{name} box {k} {cb:?}: resized crop within 1 level {frac}, max diff {max}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, images.len() * 4);
+}
+
+/// `RandomResizedCrop`'s boxes are drawn as torchvision draws them (ten
+/// tries of a random area and log-uniform aspect ratio, then a centred
+/// fallback): over 20000 draws, the mean and spread of the area and of the
+/// aspect ratio agree with torchvision's own `get_params` (crops.json)
+/// within four standard errors.
+#[test]
+fn random_resized_crop_draws_like_torchvision() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("crops.json")).unwrap())
+            .unwrap();
+    let rrc = RandomResizedCrop::new(224);
+    for (key, (w, h)) in [("400x400", (400u32, 400u32)), ("400x200", (400, 200))] {
+        let want = &meta["rrc_draws"][key];
+        let n = 20000;
+        let mut rng = avp_data::Rng::for_item(11, 0, 0);
+        let (mut areas, mut ratios) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let b = rrc.sample((w, h), &mut rng);
+            areas.push((b.width * b.height) as f64 / (w * h) as f64);
+            ratios.push(b.width as f64 / b.height as f64);
+        }
+        let stats = |v: &[f64]| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            (m, sd)
+        };
+        for (name, v) in [("area", &areas), ("ratio", &ratios)] {
+            let (m, sd) = stats(v);
+            let (tm, tsd) = (
+                want[format!("{name}_mean")].as_f64().unwrap(),
+                want[format!("{name}_std")].as_f64().unwrap(),
+            );
+            let se = tsd * (2.0 / n as f64).sqrt();
+            eprintln!("{key} {name}: ours {m:.4} (sd {sd:.4}), torchvision {tm:.4} (sd {tsd:.4})");
+            assert!((m - tm).abs() < 4.0 * se, "{key} {name} mean {m} vs {tm}");
+            assert!(
+                (sd - tsd).abs() < 0.05 * tsd,
+                "{key} {name} sd {sd} vs {tsd}"
             );
         }
     }

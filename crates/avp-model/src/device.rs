@@ -122,8 +122,8 @@ pub fn device_report(name: &str) -> Option<String> {
 
 #[cfg(feature = "wgpu")]
 fn adapter_report(vulkan: bool) -> Option<String> {
-    use cubecl_runtime::runtime::Runtime;
     use cubecl::wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind, WgpuRuntime};
+    use cubecl_runtime::runtime::Runtime;
     let backend = if vulkan {
         WgpuBackend::Vulkan
     } else {
@@ -147,7 +147,9 @@ fn adapter_report(vulkan: bool) -> Option<String> {
             id.name
         ),
         Ok(id) => format!("{api}: running on {}", id.name),
-        Err(_) => format!("{api}: no adapter could be opened (is a Vulkan, Metal or DX12 driver installed?)"),
+        Err(_) => format!(
+            "{api}: no adapter could be opened (is a Vulkan, Metal or DX12 driver installed?)"
+        ),
     })
 }
 

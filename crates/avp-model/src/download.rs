@@ -1,9 +1,16 @@
 //! Weights by name: `torchvision-resnet50` and the other downloadable
-//! entries of `weights/manifest.json` are fetched once into the cache
+//! entries of `crates/avp-model/manifest.json` are fetched once into the cache
 //! (the `download` feature), checked against their SHA-256 (torchvision's
 //! file names carry its first 8 hex digits, which is what `torch.hub`
 //! checks; a full hash is checked when the manifest has one), converted to
 //! the native burnpack format, and loaded from there afterwards.
+//!
+//! A PyTorch user usually has torchvision's files already: before
+//! downloading, the folders where `torch.hub` keeps them
+//! (`$TORCH_HOME/hub/checkpoints`, else `$XDG_CACHE_HOME/torch/hub/checkpoints`,
+//! else `~/.cache/torch/hub/checkpoints`) are searched for the same file
+//! name; a file there whose SHA-256 matches is converted in place (it is not
+//! copied), one that does not match is left alone and the download goes on.
 //!
 //! A download goes to a `.partial` file that is renamed into place only
 //! once it is complete and verified: an interrupted, short, failed or
@@ -31,6 +38,27 @@ pub struct DownloadOptions {
     pub read_timeout: Duration,
     /// Progress lines on standard error.
     pub progress: bool,
+    /// Folders searched for an already downloaded file of the same name
+    /// before downloading (default: [`torch_hub_dirs`]).
+    pub torch_hub: Vec<PathBuf>,
+}
+
+/// Where `torch.hub` keeps downloaded weights: `$TORCH_HOME/hub/checkpoints`
+/// when `TORCH_HOME` is set, else `$XDG_CACHE_HOME/torch/hub/checkpoints`,
+/// else `.cache/torch/hub/checkpoints` in the home folder (torch's own
+/// order).
+pub fn torch_hub_dirs() -> Vec<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let torch_home = var("TORCH_HOME")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("torch")))
+        .or_else(|| std::env::home_dir().map(|h| h.join(".cache").join("torch")));
+    torch_home
+        .map(|t| vec![t.join("hub").join("checkpoints")])
+        .unwrap_or_default()
 }
 
 impl Default for DownloadOptions {
@@ -42,6 +70,7 @@ impl Default for DownloadOptions {
                 .filter(|m| !m.is_empty()),
             read_timeout: Duration::from_secs(30),
             progress: true,
+            torch_hub: torch_hub_dirs(),
         }
     }
 }
@@ -370,9 +399,17 @@ pub fn fetch_known(
             }
         }
     }
-    download(&url, &raw, &checksum, options)?;
+    let in_torch = if raw.is_file() {
+        None
+    } else {
+        in_torch_hub(&file_name, &checksum, options)?
+    };
+    let source = match in_torch {
+        Some(found) => found,
+        None => download(&url, &raw, &checksum, options)?,
+    };
     let loaded = load_weights(
-        &raw,
+        &source,
         device,
         &LoadOptions {
             normalization: Some(entry.normalization.clone()),
@@ -407,10 +444,136 @@ pub fn fetch_known(
     Ok(native)
 }
 
-/// Resolves a weights argument: an existing file is itself; a name from the
-/// manifest with a download location (`torchvision-resnet50`) is fetched
-/// and converted once (see [`fetch_known`]); anything else is an error that
-/// lists the names.
+/// A file named `file_name` in one of `options.torch_hub` whose SHA-256
+/// matches `checksum` (a mismatching one is reported and skipped).
+fn in_torch_hub(
+    file_name: &str,
+    checksum: &Checksum,
+    options: &DownloadOptions,
+) -> Result<Option<PathBuf>, ModelError> {
+    for dir in &options.torch_hub {
+        let candidate = dir.join(file_name);
+        if !candidate.is_file() {
+            continue;
+        }
+        let hex = sha256_file(&candidate)?;
+        if checksum.matches(&hex) {
+            if options.progress {
+                eprintln!(
+                    "using {} from torch's cache (checksum ok); not downloading",
+                    candidate.display()
+                );
+            }
+            return Ok(Some(candidate));
+        }
+        if options.progress {
+            eprintln!(
+                "ignoring {} in torch's cache: its SHA-256 {} is not the expected {}",
+                candidate.display(),
+                &hex[..16.min(hex.len())],
+                checksum.describe()
+            );
+        }
+    }
+    Ok(None)
+}
+
+/// The SHA-256 of a file, streamed.
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Fetches (once) a Hugging Face hub file into the hub's cache, with the
+/// repository's `config.json`, and converts it (once per commit) to a
+/// burnpack file in `options.dir` that carries the normalization and the
+/// evaluation crop; returns that file.
+pub fn fetch_hub(
+    r: &crate::hub::HubRef,
+    device: &Device,
+    options: &DownloadOptions,
+    hub: &crate::hub::HubOptions,
+) -> Result<PathBuf, ModelError> {
+    let Some(weights) = crate::hub::fetch(r, &r.file, hub)? else {
+        return Err(ModelError::Hub {
+            spec: format!("hf:{}", r.repo),
+            why: format!("the repository has no {}", r.file),
+        });
+    };
+    let native = options
+        .dir
+        .join("hf")
+        .join(r.repo.replace('/', "--"))
+        .join(&weights.commit)
+        .join(Path::new(&r.file).with_extension("bpk"));
+    if native.is_file() && load_weights(&native, device, &LoadOptions::default()).is_ok() {
+        return Ok(native);
+    }
+    let config = crate::hub::fetch(r, "config.json", hub)?.and_then(|c| std::fs::read(c.path).ok());
+    let normalization = crate::hub::normalization_from_config(config.as_deref(), &r.repo);
+    let loaded = load_weights(
+        &weights.path,
+        device,
+        &LoadOptions {
+            normalization: Some(normalization),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| ModelError::Hub {
+        spec: format!("hf:{}/{}", r.repo, r.file),
+        why: format!("the fetched file is not a ResNet avp can read: {e}"),
+    })?;
+    if let Some(parent) = native.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ModelError::Io {
+            path: parent.to_path_buf(),
+            source: e,
+        })?;
+    }
+    let partial = native.with_extension(format!("partial-{}", std::process::id()));
+    let saved = save_native(
+        &loaded.model,
+        &loaded.config,
+        &loaded.normalization,
+        &loaded.provenance,
+        &partial,
+    )
+    .and_then(|()| {
+        std::fs::rename(&partial, &native).map_err(|e| ModelError::Io {
+            path: native.clone(),
+            source: e,
+        })
+    });
+    if let Err(e) = saved {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok(native)
+}
+
+/// Resolves a weights argument: an existing file is itself; `hf:REPO[/FILE]`
+/// is fetched from the Hugging Face hub and converted once (see
+/// [`fetch_hub`]); a name from the manifest with a download location
+/// (`torchvision-resnet50`) is fetched and converted once (see
+/// [`fetch_known`]); anything else is an error that lists the names.
 pub fn resolve_weights(
     spec: &str,
     device: &Device,
@@ -420,6 +583,9 @@ pub fn resolve_weights(
     if path.exists() {
         return Ok(path.to_path_buf());
     }
+    if let Some(r) = crate::hub::HubRef::parse(spec) {
+        return fetch_hub(&r?, device, options, &crate::hub::HubOptions::default());
+    }
     let known = downloadable();
     match known.iter().find(|k| k.name == spec) {
         Some(entry) => fetch_known(entry, device, options),
@@ -428,7 +594,7 @@ pub fn resolve_weights(
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!(
-                    "no such file, and not a known weights name ({})",
+                    "no such file, not hf:OWNER/NAME[/FILE] (the Hugging Face hub), and not a known weights name ({})",
                     known
                         .iter()
                         .map(|k| k.name.as_str())

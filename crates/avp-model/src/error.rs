@@ -5,7 +5,16 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while building, importing or running a model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ModelError {
+    /// A Hugging Face hub reference that cannot be served.
+    #[error("{spec}: {why}")]
+    Hub {
+        /// The `hf:` reference.
+        spec: String,
+        /// What went wrong, and what to do.
+        why: String,
+    },
     /// A file could not be read at all.
     #[error("cannot read {path}: {source}")]
     Io {

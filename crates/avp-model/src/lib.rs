@@ -22,12 +22,14 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod atomic;
 mod cache_dir;
 mod device;
 pub mod download;
 mod error;
 mod fill;
 pub mod fused;
+pub mod hub;
 pub mod normalization;
 pub mod npy;
 pub mod onnx;
@@ -40,7 +42,7 @@ pub use download::{DownloadOptions, resolve_weights};
 pub use error::ModelError;
 pub use fill::fill;
 pub use fused::FusedResNet;
-pub use normalization::{ChannelOrder, Normalization, NormalizationSource, ValueRange};
+pub use normalization::{ChannelOrder, EvalCrop, Normalization, NormalizationSource, ValueRange};
 pub use resnet::{
     BatchNormUse, Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
 };

@@ -64,6 +64,31 @@ pub struct Normalization {
     /// Where this came from.
     #[serde(default)]
     pub source: NormalizationSource,
+    /// The evaluation crop the weights were measured with, when known
+    /// (torchvision's and timm's: the shorter side resized, then a centre
+    /// crop); `None`: the lesson's squash to 224x224.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_crop: Option<EvalCrop>,
+}
+
+/// An evaluation transform of the ImageNet kind: `Resize(resize)` (the
+/// shorter side) then `CenterCrop(crop)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalCrop {
+    /// The shorter side after resizing (torchvision: 256).
+    pub resize: u32,
+    /// The centre crop's side (torchvision: 224).
+    pub crop: u32,
+}
+
+impl EvalCrop {
+    /// torchvision's `Resize(256)` + `CenterCrop(224)`.
+    pub fn torchvision() -> Self {
+        Self {
+            resize: 256,
+            crop: 224,
+        }
+    }
 }
 
 impl Normalization {
@@ -76,6 +101,7 @@ impl Normalization {
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             source: NormalizationSource::Torchvision,
+            eval_crop: None,
         }
     }
 
@@ -88,7 +114,14 @@ impl Normalization {
             mean: [103.06, 115.90, 123.15],
             std: [1.0; 3],
             source: NormalizationSource::Explicit,
+            eval_crop: None,
         }
+    }
+
+    /// Same normalization with a known evaluation crop.
+    pub fn with_eval_crop(mut self, eval_crop: Option<EvalCrop>) -> Self {
+        self.eval_crop = eval_crop;
+        self
     }
 
     /// Same normalization with another source tag.
@@ -228,6 +261,7 @@ impl Normalization {
             mean,
             std,
             source: NormalizationSource::PrepFile(path.to_path_buf()),
+            eval_crop: None,
         })
     }
 }

@@ -51,7 +51,7 @@ impl WeightFormat {
     }
 }
 
-/// A known weights file, from `weights/manifest.json`.
+/// A known weights file, from `crates/avp-model/manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KnownWeights {
     /// Short name (`mlnet-resnet18`, `torchvision-resnet50`).
@@ -83,11 +83,11 @@ struct Manifest {
     weights: Vec<KnownWeights>,
 }
 
-/// The weights manifest shipped with the crate (`weights/manifest.json`).
+/// The weights manifest shipped with the crate (`manifest.json`, inside the crate so that it packages).
 pub fn manifest() -> Vec<KnownWeights> {
     // The manifest is ours and checked by a test: parsing cannot fail at run
     // time unless the crate itself was built from a broken tree.
-    serde_json::from_str::<Manifest>(include_str!("../../../weights/manifest.json"))
+    serde_json::from_str::<Manifest>(include_str!("../manifest.json"))
         .map(|m| m.weights)
         .unwrap_or_default()
 }

@@ -12,12 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use avp_model::download::{Checksum, DownloadOptions, download, fetch_known, resolve_weights};
+use avp_model::download::{
+    Checksum, DownloadOptions, download, fetch_hub, fetch_known, resolve_weights,
+};
+use avp_model::hub::{HubOptions, HubRef};
 use avp_model::{KnownWeights, LoadOptions, load_weights, manifest, parse_device, sha256_hex};
 
 #[derive(Clone)]
 enum Reply {
     Body(Vec<u8>),
+    /// A body with extra response headers (the hub's commit and ETag).
+    WithHeaders(Vec<u8>, Vec<(&'static str, String)>),
     /// Announces the whole length, sends half, closes.
     Short(Vec<u8>),
 }
@@ -75,6 +80,19 @@ fn serve(routes: HashMap<&'static str, Reply>) -> Server {
                         .as_bytes(),
                     )
                     .and_then(|()| stream.write_all(b)),
+                Some(Reply::WithHeaders(b, headers)) => stream
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+                            b.len(),
+                            headers
+                                .iter()
+                                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                                .collect::<String>()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|()| stream.write_all(b)),
                 Some(Reply::Short(b)) => stream
                     .write_all(
                         format!(
@@ -119,6 +137,7 @@ fn quiet(dir: &Path) -> DownloadOptions {
         mirror: None,
         read_timeout: Duration::from_secs(10),
         progress: false,
+        torch_hub: Vec::new(),
     }
 }
 
@@ -285,7 +304,11 @@ fn a_manifest_entry_is_fetched_verified_and_converted_once() {
     std::fs::write(&native, &good[..good.len() / 2]).unwrap();
     assert!(load_weights(&native, &device, &LoadOptions::default()).is_err());
     assert_eq!(fetch_known(&entry, &device, &options).unwrap(), native);
-    assert_eq!(server.hits.load(Ordering::SeqCst), hits, "the download was kept");
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        hits,
+        "the download was kept"
+    );
     let again = load_weights(&native, &device, &LoadOptions::default()).unwrap();
     assert_eq!(again.config.describe(), direct.config.describe());
 }
@@ -324,4 +347,193 @@ fn unknown_names_list_the_known_ones() {
         resolve_weights(f.to_str().unwrap(), &device, &quiet(&dir)).unwrap(),
         f
     );
+}
+
+/// A torchvision file already in torch's cache (`$TORCH_HOME/hub/checkpoints`,
+/// same name) is checked and converted in place: nothing is downloaded and
+/// nothing copied. One whose hash does not match is ignored and the file is
+/// downloaded.
+#[test]
+fn torch_s_own_cache_is_used_when_its_file_matches() {
+    let pth = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx/basic_folded_op11.pth");
+    let body = std::fs::read(&pth).unwrap();
+    let server = serve(HashMap::from([(
+        "/models/basic-abc.pth",
+        Reply::Body(body.clone()),
+    )]));
+    let torchvision = manifest()
+        .into_iter()
+        .find(|k| k.name == "torchvision-resnet50")
+        .unwrap();
+    let entry = KnownWeights {
+        name: "test-basic".into(),
+        location: "https://weights.invalid/models/basic-abc.pth".into(),
+        sha256: None,
+        sha256_prefix: Some(sha256_hex(&body)[..8].into()),
+        ..torchvision
+    };
+    let device = parse_device("flex").unwrap();
+    let torch_home = scratch("torch-home");
+    let hub = torch_home.join("hub/checkpoints");
+    std::fs::create_dir_all(&hub).unwrap();
+    std::fs::write(hub.join("basic-abc.pth"), &body).unwrap();
+    let dir = scratch("torch-cache");
+    let options = DownloadOptions {
+        mirror: Some(server.base.clone()),
+        torch_hub: vec![hub.clone()],
+        ..quiet(&dir)
+    };
+    let native = fetch_known(&entry, &device, &options).unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 0, "nothing downloaded");
+    assert_eq!(files_in(&dir), ["basic-abc.bpk"], "converted, not copied");
+    assert!(load_weights(&native, &device, &LoadOptions::default()).is_ok());
+
+    // A file of the same name with other content is not trusted.
+    std::fs::write(hub.join("basic-abc.pth"), b"not the weights").unwrap();
+    let dir = scratch("torch-cache-bad");
+    let options = DownloadOptions {
+        dir: dir.clone(),
+        ..options
+    };
+    fetch_known(&entry, &device, &options).unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1, "downloaded instead");
+    assert_eq!(files_in(&dir), ["basic-abc.bpk", "basic-abc.pth"]);
+}
+
+/// torch's cache folder follows torch's own rules.
+#[test]
+fn torch_hub_dirs_follow_torch_home() {
+    let dirs = avp_model::download::torch_hub_dirs();
+    if let Some(home) = std::env::var_os("TORCH_HOME").filter(|v| !v.is_empty()) {
+        assert_eq!(dirs, [Path::new(&home).join("hub/checkpoints")]);
+    } else {
+        assert!(
+            dirs.iter().all(|d| d.ends_with("torch/hub/checkpoints")),
+            "{dirs:?}"
+        );
+    }
+}
+
+fn hub_options(cache: &Path, endpoint: &str, offline: bool) -> HubOptions {
+    HubOptions {
+        endpoint: endpoint.to_string(),
+        cache: cache.to_path_buf(),
+        offline,
+        read_timeout: Duration::from_secs(10),
+        progress: false,
+    }
+}
+
+/// `hf:OWNER/NAME` against a loopback hub: the file lands in the Hugging
+/// Face cache layout with its config's normalization and crop; then a 404,
+/// content that does not match the hub's ETag, and no network at all
+/// (offline with and without the file cached).
+#[test]
+fn hugging_face_hub_files_are_fetched_into_the_hub_cache_layout() {
+    let st = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx/basic_folded_op11.safetensors");
+    let body = std::fs::read(&st).unwrap();
+    let sha = sha256_hex(&body);
+    let config = br#"{"architecture": "resnet18", "pretrained_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "crop_pct": 0.95, "input_size": [3, 224, 224]}}"#.to_vec();
+    let server = serve(HashMap::from([
+        (
+            "/timm/tiny-resnet/resolve/main/model.safetensors",
+            Reply::WithHeaders(
+                body.clone(),
+                vec![
+                    ("X-Repo-Commit", "0123abc".into()),
+                    ("X-Linked-Etag", format!("\"{sha}\"")),
+                ],
+            ),
+        ),
+        (
+            "/timm/tiny-resnet/resolve/main/config.json",
+            Reply::WithHeaders(config, vec![("X-Repo-Commit", "0123abc".into())]),
+        ),
+        (
+            "/timm/broken/resolve/main/model.safetensors",
+            Reply::WithHeaders(
+                body[..body.len() - 10].to_vec(),
+                vec![("X-Linked-Etag", format!("\"{sha}\""))],
+            ),
+        ),
+    ]));
+    let device = parse_device("flex").unwrap();
+    let hf = scratch("hf-home");
+    let dir = scratch("hf-avp");
+    let hub = hub_options(&hf, &server.base, false);
+    let r = HubRef::parse("hf:timm/tiny-resnet").unwrap().unwrap();
+    let native = fetch_hub(&r, &device, &quiet(&dir), &hub).unwrap();
+    let repo = hf.join("models--timm--tiny-resnet");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        "0123abc"
+    );
+    let snap = repo.join("snapshots/0123abc/model.safetensors");
+    assert_eq!(std::fs::read(&snap).unwrap(), body);
+    assert!(repo.join("blobs").join(&sha).is_file());
+    #[cfg(unix)]
+    assert!(
+        std::fs::symlink_metadata(&snap)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let loaded = load_weights(&native, &device, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.normalization.mean, [0.5, 0.4, 0.3]);
+    assert_eq!(
+        loaded.normalization.eval_crop,
+        Some(avp_model::EvalCrop {
+            resize: 235,
+            crop: 224
+        })
+    );
+    // The same network as the safetensors file read directly.
+    let direct = load_weights(&st, &device, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.config.describe(), direct.config.describe());
+
+    // Cached: no request, even offline.
+    let hits = server.hits.load(Ordering::SeqCst);
+    let offline = hub_options(&hf, "http://127.0.0.1:9", true);
+    assert_eq!(
+        fetch_hub(&r, &device, &quiet(&dir), &offline).unwrap(),
+        native
+    );
+    assert_eq!(server.hits.load(Ordering::SeqCst), hits);
+
+    // A repository the hub does not have.
+    let missing = HubRef::parse("hf:timm/nothing-here").unwrap().unwrap();
+    let e = fetch_hub(&missing, &device, &quiet(&dir), &hub)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("404") && e.contains("hf:timm/nothing-here"),
+        "{e}"
+    );
+
+    // Content that is not what the hub announced: refused, nothing kept.
+    let broken = HubRef::parse("hf:timm/broken").unwrap().unwrap();
+    let e = fetch_hub(&broken, &device, &quiet(&dir), &hub)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing was kept"), "{e}");
+    assert!(!hf.join("models--timm--broken/refs/main").exists());
+    assert!(
+        std::fs::read_dir(hf.join("models--timm--broken/blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+
+    // Offline, not cached: says so. No network, not cached: says what to do.
+    let e = fetch_hub(&missing, &device, &quiet(&dir), &offline)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
+    let refused = hub_options(&hf, "http://127.0.0.1:9", false);
+    let e = fetch_hub(&missing, &device, &quiet(&dir), &refused)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot reach") && e.contains("--weights"), "{e}");
 }

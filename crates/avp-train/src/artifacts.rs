@@ -169,7 +169,9 @@ pub struct Prediction {
 
 impl TrainedModel {
     /// Class probabilities for image files: each is decoded by content,
-    /// resized to 224x224 and normalized as the backbone expects, then run
+    /// brought to 224x224 by the evaluation transform validation used (the
+    /// lesson's squash, or the weights' centre crop) and normalized as the
+    /// backbone expects, then run
     /// in batches of `batch_size`. A file that cannot be read or decoded
     /// is an error naming it.
     pub fn predict_paths<P: AsRef<Path>>(
@@ -189,7 +191,7 @@ pub fn predict_paths<P: AsRef<Path>>(
     paths: &[P],
     batch_size: usize,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let eval = avp_data::Pipeline::eval(crate::bridge::data_normalize(normalization));
+    let eval = crate::bridge::eval_pipeline(normalization);
     let device = classifier
         .head
         .devices()
@@ -247,7 +249,21 @@ fn fonts() {
 pub fn plot_curves(epochs: &[EpochMetrics], path: &Path) -> Result<(), TrainError> {
     fonts();
     let e = |x: Box<dyn std::error::Error>| write_err(path, x);
-    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    let (w, h) = (1000u32, 420u32);
+    // Drawn into a buffer and encoded with `image` (plotters' own encoder
+    // would pull in a second copy of `image` and `png`).
+    let mut canvas = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    draw_curves(epochs, canvas.as_mut(), (w, h)).map_err(e)?;
+    canvas.save(path).map_err(|x| write_err(path, x))
+}
+
+fn draw_curves(
+    epochs: &[EpochMetrics],
+    buf: &mut [u8],
+    size: (u32, u32),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let e = |x: Box<dyn std::error::Error>| x;
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(Box::new(x)))?;
     let panels = root.split_evenly((1, 2));
     let n = epochs.len().max(1) as f64;
@@ -307,40 +323,99 @@ pub fn plot_curves(epochs: &[EpochMetrics], path: &Path) -> Result<(), TrainErro
     Ok(())
 }
 
+/// Tiles per row of the predictions figure, and the most it shows: with
+/// many classes the figure wraps instead of growing without bound.
+pub const PREDICTION_COLUMNS: usize = 4;
+/// The most images [`plot_predictions`] draws (three rows).
+pub const PREDICTION_TILES: usize = 12;
+
 /// The lesson's figure: images side by side, each titled with its class
-/// probabilities ("99% Alien, 1% Predator").
+/// probabilities ("99% Alien, 1% Predator"); rows of at most
+/// [`PREDICTION_COLUMNS`], and at most [`PREDICTION_TILES`] images (the
+/// rest are left out).
 pub fn plot_predictions(items: &[(RgbImage, String)], path: &Path) -> Result<(), TrainError> {
     fonts();
+    let items = &items[..items.len().min(PREDICTION_TILES)];
     let tile = 224u32;
     let (pad, title_h) = (16u32, 40u32);
-    let w = pad + items.len().max(1) as u32 * (tile + pad);
-    let h = title_h + tile + pad * 2;
+    let cols = items.len().clamp(1, PREDICTION_COLUMNS) as u32;
+    let rows = items.len().div_ceil(PREDICTION_COLUMNS).max(1) as u32;
+    let row_h = title_h + tile + pad;
+    let w = pad + cols * (tile + pad);
+    let h = pad + rows * row_h;
+    let at = |i: usize| {
+        let (c, r) = (
+            (i % PREDICTION_COLUMNS) as u32,
+            (i / PREDICTION_COLUMNS) as u32,
+        );
+        (pad + c * (tile + pad), pad + r * row_h)
+    };
     let mut canvas = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
     for (i, (img, _)) in items.iter().enumerate() {
         let resized =
             image::imageops::resize(img, tile, tile, image::imageops::FilterType::Triangle);
-        image::imageops::replace(
-            &mut canvas,
-            &resized,
-            (pad + i as u32 * (tile + pad)) as i64,
-            (pad + title_h) as i64,
-        );
+        let (x, y) = at(i);
+        image::imageops::replace(&mut canvas, &resized, x as i64, (y + title_h) as i64);
     }
     {
         let buf: &mut [u8] = &mut canvas;
         let root = BitMapBackend::with_buffer(buf, (w, h)).into_drawing_area();
         for (i, (_, title)) in items.iter().enumerate() {
-            let x = (pad + i as u32 * (tile + pad) + tile / 2) as i32;
+            let (x0, y0) = at(i);
+            let x = (x0 + tile / 2) as i32;
             let style = TextStyle::from(("sans-serif", 18).into_font())
                 .color(&BLACK)
                 .pos(plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,
                     plotters::style::text_anchor::VPos::Center,
                 ));
-            root.draw_text(title, &style, (x, (pad + title_h / 2) as i32))
+            root.draw_text(title, &style, (x, (y0 + title_h / 2) as i32))
                 .map_err(|x| write_err(path, x))?;
         }
         root.present().map_err(|x| write_err(path, x))?;
     }
     canvas.save(path).map_err(|x| write_err(path, x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many classes wrap into rows and stop at a cap instead of one tile
+    /// per class in a single row.
+    #[test]
+    fn the_predictions_figure_wraps_and_is_capped() {
+        let dir = std::env::temp_dir().join(format!("avp-figure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok();
+        let img = RgbImage::from_pixel(30, 20, image::Rgb([200, 10, 10]));
+        let items: Vec<(RgbImage, String)> = (0..40)
+            .map(|i| (img.clone(), format!("{i}% class {i}")))
+            .collect();
+        let path = dir.join("many.png");
+        plot_predictions(&items, &path).ok();
+        let (w, h) = image::image_dimensions(&path).unwrap_or((0, 0));
+        let tile = 224 + 16;
+        assert_eq!(w, 16 + 4 * tile, "four tiles per row");
+        assert_eq!(h, 16 + 3 * (40 + 224 + 16), "three rows at most");
+        plot_predictions(&items[..2], &path).ok();
+        assert_eq!(
+            image::image_dimensions(&path).unwrap_or((0, 0)).0,
+            16 + 2 * tile
+        );
+        let curves = dir.join("curves.png");
+        let m = EpochMetrics {
+            epoch: 1,
+            train_loss: 0.5,
+            train_acc: 0.7,
+            valid_loss: 0.4,
+            valid_acc: 0.8,
+            seconds: 1.0,
+        };
+        plot_curves(&[m], &curves).ok();
+        assert_eq!(
+            image::image_dimensions(&curves).unwrap_or((0, 0)),
+            (1000, 420)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -32,11 +32,11 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
 use avp_model::{Normalization, ResNet, ResNetConfig, sha256_hex};
-use sha2::Digest;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
+use sha2::Digest;
 
 use crate::error::TrainError;
 
@@ -431,7 +431,10 @@ fn compute(
                 .try_into_vec::<f32>()
                 .map_err(|e| TrainError::Config(format!("backbone output: {e:?}")))?;
             if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
-                let image = batch.indices.get(bad / width).and_then(|&i| job.folder.samples.get(i));
+                let image = batch
+                    .indices
+                    .get(bad / width)
+                    .and_then(|&i| job.folder.samples.get(i));
                 return Err(TrainError::Config(format!(
                     "the backbone gave a value that is not finite ({}) for {}: the weights or the normalization are broken",
                     data[bad],
@@ -660,7 +663,9 @@ mod tests {
             views,
             width,
             targets: vec![0, 1, 1, 0, 1],
-            values: (0..len * views * width).map(|i| i as f32 * 0.25 - 1.0).collect(),
+            values: (0..len * views * width)
+                .map(|i| i as f32 * 0.25 - 1.0)
+                .collect(),
         }
     }
 
@@ -676,7 +681,10 @@ mod tests {
     #[test]
     fn a_cache_file_round_trips() {
         let t = table();
-        assert_eq!(FeatureTable::from_bytes(&t.to_bytes("key"), "key", 2), Some(t));
+        assert_eq!(
+            FeatureTable::from_bytes(&t.to_bytes("key"), "key", 2),
+            Some(t)
+        );
     }
 
     /// Every truncation and thousands of seeded byte flips: each is
@@ -687,7 +695,11 @@ mod tests {
         let t = table();
         let bytes = t.to_bytes("the key");
         for cut in 0..bytes.len() {
-            assert_eq!(FeatureTable::from_bytes(&bytes[..cut], "the key", 2), None, "cut at {cut}");
+            assert_eq!(
+                FeatureTable::from_bytes(&bytes[..cut], "the key", 2),
+                None,
+                "cut at {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);

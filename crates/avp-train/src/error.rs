@@ -2,6 +2,7 @@
 
 /// Everything that can go wrong while setting up or running training.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrainError {
     /// The data folder is unusable.
     #[error(transparent)]

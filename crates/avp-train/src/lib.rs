@@ -17,12 +17,13 @@ pub mod train;
 pub use artifacts::{
     Prediction, TrainedModel, load_model, plot_curves, plot_predictions, predict_paths, save_model,
 };
-pub use bridge::data_normalize;
+pub use bridge::{data_normalize, eval_pipeline};
 pub use burn::train::ExecutionStrategy;
 pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
 pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
 pub use train::{
-    EpochMetrics, OutputPolicy, TrainConfig, TrainOutcome, lesson_lines, open_splits,
-    open_splits_with, read_metrics_csv, resume_point, train, train_with, train_with_policy,
+    Augmentation, EpochMetrics, EvalTransform, OutputPolicy, TrainConfig, TrainOutcome,
+    lesson_lines, open_splits, open_splits_with, read_metrics_csv, resume_point, train, train_with,
+    train_with_policy,
 };

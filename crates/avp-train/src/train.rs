@@ -23,7 +23,7 @@ use burn::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::bridge::data_normalize;
+use crate::bridge::{data_normalize, eval_pipeline};
 use crate::cache::{BackboneId, CacheOrigin, FeatureJob, FeatureLoader};
 use crate::classifier::{BnMode, CachedHead, Classifier, EpochTotals, HeadConfig};
 use crate::error::TrainError;
@@ -66,7 +66,7 @@ pub struct TrainConfig {
     /// Folder of the feature cache; `None`: `features/` under
     /// [`avp_model::cache_root`].
     #[config(default = "None")]
-    pub cache_dir: Option<String>,
+    pub cache_dir: Option<PathBuf>,
     /// The largest feature table (in GB, 1e9 bytes) the cache may compute
     /// and hold; a larger one is refused before the backbone runs.
     #[config(default = 8.0)]
@@ -75,6 +75,51 @@ pub struct TrainConfig {
     /// [`avp_data::OpenOptions::follow_links`]).
     #[config(default = false)]
     pub follow_links: bool,
+    /// Which augmentation, when `augment` is on.
+    #[config(default = "Augmentation::Lesson")]
+    pub augmentation: Augmentation,
+    /// The validation (and prediction) transform.
+    #[config(default = "EvalTransform::Auto")]
+    pub eval_transform: EvalTransform,
+}
+
+/// The training augmentation (with `augment` on).
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum Augmentation {
+    /// The lesson's `Resize((224,224))` + `RandomAffine(0, shear=10,
+    /// scale=(0.8,1.2))` + `RandomHorizontalFlip()`.
+    Lesson,
+    /// torchvision's transfer-learning tutorial: `RandomResizedCrop(224)` +
+    /// `RandomHorizontalFlip()`.
+    Tutorial,
+}
+
+/// The transform of the validation split and of predictions.
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum EvalTransform {
+    /// The weights' own when they name one (torchvision's and timm's
+    /// `Resize(256)` + `CenterCrop(224)`), else the lesson's squash.
+    Auto,
+    /// The lesson's `Resize((224, 224))`.
+    Squash,
+    /// `Resize(256)` + `CenterCrop(224)` (or the weights' own sizes).
+    CenterCrop,
+}
+
+impl EvalTransform {
+    /// `normalization` with its evaluation crop set as this choice says.
+    pub fn resolve(self, normalization: &avp_model::Normalization) -> avp_model::Normalization {
+        let crop = match self {
+            EvalTransform::Auto => normalization.eval_crop,
+            EvalTransform::Squash => None,
+            EvalTransform::CenterCrop => Some(
+                normalization
+                    .eval_crop
+                    .unwrap_or_else(avp_model::EvalCrop::torchvision),
+            ),
+        };
+        normalization.clone().with_eval_crop(crop)
+    }
 }
 
 /// What a run may do with what is already in its output folder (see
@@ -384,7 +429,8 @@ fn checkpoint_damage(out_dir: &Path, epoch: usize) -> Option<String> {
     use burn::train::checkpoint::{Checkpointer, FileCheckpointer};
     let dir = out_dir.join("checkpoint");
     let file = |k: &str| dir.join(format!("{k}-{epoch}.bpk")).display().to_string();
-    let model: Result<burn::store::ModuleRecord, _> = FileCheckpointer::new(&dir, "model").restore(epoch);
+    let model: Result<burn::store::ModuleRecord, _> =
+        FileCheckpointer::new(&dir, "model").restore(epoch);
     if let Err(e) = model {
         return Some(format!("{}: {e}", file("model")));
     }
@@ -542,9 +588,7 @@ fn unfinished(
             "training stopped after epoch {} of {}{}; run the same command again to resume",
             epochs.len(),
             config.epochs,
-            interrupted
-                .map(|i| format!(" ({i:?})"))
-                .unwrap_or_default()
+            interrupted.map(|i| format!(" ({i:?})")).unwrap_or_default()
         )));
     }
     None
@@ -599,19 +643,20 @@ where
     }
     // A panic inside burn-train (it has `expect`s on checkpoint files)
     // becomes an error that says what to do.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training.launch(learner)))
-        .map_err(|p| {
-            let why = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
-            TrainError::Stopped(format!(
-                "training stopped inside burn-train: {why}. If {} holds a damaged checkpoint, \
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training.launch(learner)))
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                TrainError::Stopped(format!(
+                    "training stopped inside burn-train: {why}. If {} holds a damaged checkpoint, \
                  run the same command with --restart to start afresh",
-                run.out_dir.display()
-            ))
-        })?;
+                    run.out_dir.display()
+                ))
+            })?;
     let epochs = epochs.lock().map(|e| e.clone()).unwrap_or_default();
     if dashboard {
         // The dashboard owned the screen during training: the lesson's lines now.
@@ -722,7 +767,11 @@ pub fn train_with_policy(
     println!("{valid_folder}");
     backbone.model.check_input_size(224, 224)?;
     if config.feature_cache {
-        let views = if config.augment { config.cache_views } else { 1 };
+        let views = if config.augment {
+            config.cache_views
+        } else {
+            1
+        };
         crate::cache::check_table_size(
             "train",
             views,
@@ -737,7 +786,10 @@ pub fn train_with_policy(
     crate::output::remove_scratch(out_dir)?;
     let finished = out_dir.join("model.bpk").exists();
     if finished && policy.overwrite {
-        println!("--overwrite: removing the finished run in {}", out_dir.display());
+        println!(
+            "--overwrite: removing the finished run in {}",
+            out_dir.display()
+        );
         crate::output::remove_run(out_dir)?;
     }
     // A finished run stays where it is until this one has finished.
@@ -782,13 +834,16 @@ pub fn train_with_policy(
     };
     let out_dir_final = out_dir;
     let out_dir = work.as_path();
-    let normalize = data_normalize(&backbone.normalization);
+    // The validation transform is stored with the model: predictions
+    // later see images as validation did.
+    let normalization = config.eval_transform.resolve(&backbone.normalization);
+    let normalize = data_normalize(&normalization);
+    let eval = eval_pipeline(&normalization);
     let backbone_config = backbone.config.clone().with_num_classes(None);
-    let normalization = backbone.normalization.clone();
-    let train_pipeline = if config.augment {
-        Pipeline::lesson(normalize)
-    } else {
-        Pipeline::eval(normalize)
+    let train_pipeline = match (config.augment, config.augmentation) {
+        (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
+        (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
+        (false, _) => eval.clone(),
     };
     let inner = device.clone().without_autodiff();
     let ad = inner.clone().autodiff();
@@ -838,7 +893,7 @@ pub fn train_with_policy(
         )?;
         let (valid_table, o2) = crate::cache::features(
             &id,
-            &job("validation", &valid_folder, Pipeline::eval(normalize), 1),
+            &job("validation", &valid_folder, eval.clone(), 1),
             Some(&dir),
             &inner,
         )?;
@@ -863,7 +918,7 @@ pub fn train_with_policy(
         (model, epochs, Some(origin))
     } else {
         let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
-        let valid_ds = ImageDataset::new(valid_folder, Pipeline::eval(normalize), config.seed);
+        let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
         train_ds.set_epoch(start_epoch);
         let model = Classifier::new(backbone_model, head, config.bn_mode)?;
         let totals = Arc::clone(&model.totals);
@@ -906,7 +961,6 @@ pub fn train_with_policy(
 fn feature_dir(config: &TrainConfig) -> PathBuf {
     config
         .cache_dir
-        .as_ref()
-        .map(PathBuf::from)
+        .clone()
         .unwrap_or_else(|| avp_model::cache_root().join("features"))
 }

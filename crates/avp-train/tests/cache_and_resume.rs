@@ -108,7 +108,7 @@ fn the_feature_cache_trains_is_reused_from_disk_and_is_invalidated_by_changes() 
         .with_lr(3e-2)
         .with_augment(false)
         .with_feature_cache(true)
-        .with_cache_dir(Some(cache.to_string_lossy().into_owned()));
+        .with_cache_dir(Some(cache.clone()));
     let first = train(
         tiny_backbone(&device),
         &data,

@@ -186,3 +186,59 @@ fn model_bpk_reloads_and_predicts_the_same() {
     let e = avp_train::load_model(&out.join("nope.bpk"), &device).unwrap_err();
     assert!(e.to_string().contains("no such file"), "{e}");
 }
+
+/// torchvision's conventions as options: the tutorial's RandomResizedCrop
+/// for training and `Resize(256)` + `CenterCrop(224)` for validation; the
+/// model remembers its evaluation transform, and predictions use it.
+#[test]
+fn the_tutorial_augmentation_and_the_center_crop_train_and_are_remembered() {
+    let _serial = serial();
+    let s = scratch("crops");
+    let data = s.0.join("data");
+    make_dataset(&data, (6, 3));
+    let device = parse_device("flex").unwrap();
+    let config = TrainConfig::new()
+        .with_epochs(1)
+        .with_batch_size(4)
+        .with_lr(1e-2)
+        .with_augmentation(avp_train::Augmentation::Tutorial)
+        .with_eval_transform(avp_train::EvalTransform::CenterCrop);
+    let out = s.0.join("out");
+    let outcome = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
+    assert_eq!(
+        outcome.normalization.eval_crop,
+        Some(avp_model::EvalCrop::torchvision())
+    );
+    let loaded = avp_train::load_model(&out.join("model.bpk"), &device).unwrap();
+    assert_eq!(
+        loaded.normalization.eval_crop,
+        outcome.normalization.eval_crop
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["augmentation"], "Tutorial", "{saved}");
+    assert_eq!(saved["eval_transform"], "CenterCrop", "{saved}");
+    // Predictions through the stored transform equal the classifier on the
+    // centre-cropped tensor.
+    let img = data.join("val/red/0.png");
+    let p = loaded.predict_paths(&[&img], 1).unwrap();
+    let eval = avp_train::eval_pipeline(&loaded.normalization);
+    let x = eval.apply(
+        &avp_data::decode_rgb8(&img).unwrap(),
+        &mut avp_data::Rng::for_item(0, 0, 0),
+    );
+    let t = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(x, [1, 3, 224, 224]),
+        &device,
+    );
+    let direct = loaded
+        .classifier
+        .probabilities(t)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(p[0].probabilities, direct);
+    // The squash gives other probabilities on this non-square image.
+    let squash = avp_train::eval_pipeline(&loaded.normalization.clone().with_eval_crop(None));
+    assert_ne!(squash, eval);
+}
