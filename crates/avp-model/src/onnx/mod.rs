@@ -53,7 +53,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<ModelProto, ModelError> {
     Ok(model)
 }
 
-/// Imports a ResNet from ONNX bytes (see [`resnet_graph`] for the pattern).
+/// Imports a ResNet from ONNX bytes (the `resnet_graph` module holds the pattern).
 pub fn import_resnet_bytes(path: &Path, bytes: &[u8]) -> Result<ImportedResNet, ModelError> {
     let model = decode(path, bytes)?;
     resnet_graph::import(path, &model)
