@@ -230,9 +230,10 @@ fn the_output_folder_keeps_what_avp_did_not_write_and_finished_runs() {
     let model = std::fs::read(out.join("model.bpk")).unwrap();
     let metrics = std::fs::read(out.join("metrics.csv")).unwrap();
 
-    // The same command again, killed as soon as it has started training
-    // beside the finished run: the finished run is intact.
-    let mut child = lesson(&data, &out, &["--epochs", "2"])
+    // Another run, killed as soon as it has started training beside the
+    // finished run (many epochs, so that it cannot finish first): the
+    // finished run is intact.
+    let mut child = lesson(&data, &out, &["--epochs", "500"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -242,6 +243,10 @@ fn the_output_folder_keeps_what_avp_did_not_write_and_finished_runs() {
     while !staging.join("config.json").exists() && started.elapsed().as_secs() < 120 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    assert!(
+        staging.join("config.json").exists(),
+        "the run never started"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(std::fs::read(out.join("model.bpk")).unwrap(), model);
