@@ -378,23 +378,15 @@ pub fn features(
 }
 
 fn write_atomic(dir: &Path, file: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let err = |e: std::io::Error| TrainError::Write {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Write {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    // One atomic-write helper for the workspace (`.partial` + fsync + rename).
+    avp_model::atomic::write(file, bytes).map_err(|e| TrainError::Write {
         path: file.to_path_buf(),
         why: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = file.with_extension(format!("partial-{}", std::process::id()));
-    let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, file));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+    })
 }
 
 /// Runs the backbone over every view of every image of `job`.
