@@ -133,9 +133,15 @@ pub struct CropBox {
 /// Crops `img` to `b`; parts outside the image are filled with black (as
 /// torchvision pads an image smaller than its centre crop).
 pub fn crop(img: &RgbImage, b: CropBox) -> RgbImage {
+    crop_at(img, (b.top as i64, b.left as i64), (b.width, b.height))
+}
+
+/// The `size` (width, height) window of `img` whose top-left corner is at
+/// `(top, left)`, which may lie outside the image; outside is black.
+fn crop_at(img: &RgbImage, (top, left): (i64, i64), (cw, ch): (u32, u32)) -> RgbImage {
     let (w, h) = img.dimensions();
-    RgbImage::from_fn(b.width, b.height, |x, y| {
-        let (sx, sy) = (b.left as i64 + x as i64, b.top as i64 + y as i64);
+    RgbImage::from_fn(cw, ch, |x, y| {
+        let (sx, sy) = (left + x as i64, top + y as i64);
         if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
             *img.get_pixel(sx as u32, sy as u32)
         } else {
@@ -166,16 +172,11 @@ impl CenterCrop {
 
     /// Applies the crop.
     pub fn apply(&self, img: &RgbImage) -> RgbImage {
-        let (top, left) = self.crop_box(img.dimensions());
-        let (w, h) = img.dimensions();
-        RgbImage::from_fn(self.width, self.height, |x, y| {
-            let (sx, sy) = (left + x as i64, top + y as i64);
-            if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
-                *img.get_pixel(sx as u32, sy as u32)
-            } else {
-                image::Rgb([0, 0, 0])
-            }
-        })
+        crop_at(
+            img,
+            self.crop_box(img.dimensions()),
+            (self.width, self.height),
+        )
     }
 }
 

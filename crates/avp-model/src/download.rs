@@ -182,7 +182,7 @@ fn fetch_to(
 use net::fetch_to;
 
 #[cfg(feature = "download")]
-mod net {
+pub(crate) mod net {
     use std::io::{IsTerminal, Read, Write};
     use std::path::Path;
     use std::time::{Duration, Instant};
@@ -192,20 +192,25 @@ mod net {
     use super::{Checksum, DownloadOptions, download_err};
     use crate::error::ModelError;
 
+    /// The HTTP client of every download (weights and the hub): bounded
+    /// waits, and HTTP error statuses returned rather than raised.
+    pub(crate) fn agent(read_timeout: Duration) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_resolve(Some(Duration::from_secs(15)))
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_per_read(Some(read_timeout))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
     pub(super) fn fetch_to(
         url: &str,
         partial: &Path,
         checksum: &Checksum,
         options: &DownloadOptions,
     ) -> Result<(), ModelError> {
-        let config = ureq::Agent::config_builder()
-            .timeout_resolve(Some(Duration::from_secs(15)))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_per_read(Some(options.read_timeout))
-            .http_status_as_error(false)
-            .build();
-        let agent: ureq::Agent = config.into();
-        let mut response = agent
+        let mut response = agent(options.read_timeout)
             .get(url)
             .call()
             .map_err(|e| download_err(url, format!("cannot connect: {e}")))?;
@@ -416,24 +421,7 @@ pub fn fetch_known(
             ..Default::default()
         },
     )?;
-    let partial = native.with_extension(format!("partial-{}", std::process::id()));
-    let saved = save_native(
-        &loaded.model,
-        &loaded.config,
-        &loaded.normalization,
-        &loaded.provenance,
-        &partial,
-    )
-    .and_then(|()| {
-        std::fs::rename(&partial, &native).map_err(|e| ModelError::Io {
-            path: native.clone(),
-            source: e,
-        })
-    });
-    if let Err(e) = saved {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
-    }
+    save_native_whole(&loaded, &native)?;
     if options.progress {
         eprintln!(
             "converted {} to {} (later runs load this file)",
@@ -548,6 +536,13 @@ pub fn fetch_hub(
             source: e,
         })?;
     }
+    save_native_whole(&loaded, &native)?;
+    Ok(native)
+}
+
+/// Writes `loaded` to `native` in the native format, whole or not at all
+/// (a `.partial` file renamed into place).
+fn save_native_whole(loaded: &crate::LoadedModel, native: &Path) -> Result<(), ModelError> {
     let partial = native.with_extension(format!("partial-{}", std::process::id()));
     let saved = save_native(
         &loaded.model,
@@ -557,16 +552,15 @@ pub fn fetch_hub(
         &partial,
     )
     .and_then(|()| {
-        std::fs::rename(&partial, &native).map_err(|e| ModelError::Io {
-            path: native.clone(),
+        std::fs::rename(&partial, native).map_err(|e| ModelError::Io {
+            path: native.to_path_buf(),
             source: e,
         })
     });
-    if let Err(e) = saved {
+    if saved.is_err() {
         let _ = std::fs::remove_file(&partial);
-        return Err(e);
     }
-    Ok(native)
+    saved
 }
 
 /// Resolves a weights argument: an existing file is itself; `hf:REPO[/FILE]`

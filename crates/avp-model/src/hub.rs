@@ -326,29 +326,26 @@ fn link_or_copy(blob: &Path, target: &Path, file: &str) -> std::io::Result<()> {
     }
 }
 
+/// The hub's answer to one GET.
+#[cfg_attr(not(feature = "download"), allow(dead_code))]
+struct Reply {
+    status: u16,
+    commit: Option<String>,
+    etag: Option<String>,
+    body: Vec<u8>,
+}
+
 #[cfg(feature = "download")]
 mod net {
     use std::io::Read;
-    use std::time::Duration;
 
-    use super::HubOptions;
-
-    pub(super) struct Reply {
-        pub status: u16,
-        pub commit: Option<String>,
-        pub etag: Option<String>,
-        pub body: Vec<u8>,
-    }
+    use super::{HubOptions, Reply};
 
     pub(super) fn get(url: &str, options: &HubOptions) -> Result<Reply, String> {
-        let config = ureq::Agent::config_builder()
-            .timeout_resolve(Some(Duration::from_secs(15)))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_per_read(Some(options.read_timeout))
-            .http_status_as_error(false)
-            .build();
-        let agent: ureq::Agent = config.into();
-        let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+        let mut response = crate::download::net::agent(options.read_timeout)
+            .get(url)
+            .call()
+            .map_err(|e| e.to_string())?;
         let header = |k: &str| {
             response
                 .headers()
@@ -386,14 +383,7 @@ mod net {
 
 #[cfg(not(feature = "download"))]
 mod net {
-    use super::HubOptions;
-
-    pub(super) struct Reply {
-        pub status: u16,
-        pub commit: Option<String>,
-        pub etag: Option<String>,
-        pub body: Vec<u8>,
-    }
+    use super::{HubOptions, Reply};
 
     pub(super) fn get(_url: &str, _options: &HubOptions) -> Result<Reply, String> {
         Err("this build has no `download` feature".into())

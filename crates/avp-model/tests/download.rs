@@ -141,6 +141,22 @@ fn quiet(dir: &Path) -> DownloadOptions {
     }
 }
 
+/// A manifest entry like torchvision's ResNet50's, for the fixture state
+/// dict `body` served at `/models/basic-abc.pth`.
+fn basic_entry(body: &[u8]) -> KnownWeights {
+    let torchvision = manifest()
+        .into_iter()
+        .find(|k| k.name == "torchvision-resnet50")
+        .unwrap();
+    KnownWeights {
+        name: "test-basic".into(),
+        location: "https://weights.invalid/models/basic-abc.pth".into(),
+        sha256: None,
+        sha256_prefix: Some(sha256_hex(body)[..8].into()),
+        ..torchvision
+    }
+}
+
 fn payload() -> Vec<u8> {
     (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect()
 }
@@ -246,17 +262,7 @@ fn a_manifest_entry_is_fetched_verified_and_converted_once() {
         Reply::Body(body.clone()),
     )]));
     let dir = scratch("entry");
-    let torchvision = manifest()
-        .into_iter()
-        .find(|k| k.name == "torchvision-resnet50")
-        .unwrap();
-    let entry = KnownWeights {
-        name: "test-basic".into(),
-        location: "https://weights.invalid/models/basic-abc.pth".into(),
-        sha256: None,
-        sha256_prefix: Some(sha256_hex(&body)[..8].into()),
-        ..torchvision
-    };
+    let entry = basic_entry(&body);
     let device = parse_device("flex").unwrap();
     let options = DownloadOptions {
         mirror: Some(server.base.clone()),
@@ -362,17 +368,7 @@ fn torch_s_own_cache_is_used_when_its_file_matches() {
         "/models/basic-abc.pth",
         Reply::Body(body.clone()),
     )]));
-    let torchvision = manifest()
-        .into_iter()
-        .find(|k| k.name == "torchvision-resnet50")
-        .unwrap();
-    let entry = KnownWeights {
-        name: "test-basic".into(),
-        location: "https://weights.invalid/models/basic-abc.pth".into(),
-        sha256: None,
-        sha256_prefix: Some(sha256_hex(&body)[..8].into()),
-        ..torchvision
-    };
+    let entry = basic_entry(&body);
     let device = parse_device("flex").unwrap();
     let torch_home = scratch("torch-home");
     let hub = torch_home.join("hub/checkpoints");
