@@ -382,8 +382,8 @@ pub fn fetch_known(
         // The converted file is avp's own: a damaged one (a disk that
         // filled, a copy cut short) is converted again instead of failing
         // every later run.
-        match load_weights(&native, device, &LoadOptions::default()) {
-            Ok(_) => return Ok(native),
+        match native_readable(&native) {
+            Ok(()) => return Ok(native),
             Err(e) => {
                 if options.progress {
                     eprintln!(
@@ -513,7 +513,7 @@ pub fn fetch_hub(
         .join(r.repo.replace('/', "--"))
         .join(&weights.commit)
         .join(Path::new(&r.file).with_extension("bpk"));
-    if native.is_file() && load_weights(&native, device, &LoadOptions::default()).is_ok() {
+    if native.is_file() && native_readable(&native).is_ok() {
         return Ok(native);
     }
     let config = crate::hub::fetch(r, "config.json", hub)?.and_then(|c| std::fs::read(c.path).ok());
@@ -538,6 +538,15 @@ pub fn fetch_hub(
     }
     save_native_whole(&loaded, &native)?;
     Ok(native)
+}
+
+/// Whether a converted file is whole: burn-pack's reader checks the
+/// header, the metadata and that every tensor's bytes are in the file,
+/// without loading the tensors (the caller loads the file next).
+fn native_readable(native: &Path) -> Result<(), String> {
+    burn_pack::Reader::from_file(native)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Writes `loaded` to `native` in the native format, whole or not at all
