@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use avp::model::{ResNetConfig, compiled_backends, parse_device};
+use avp::model::{Backbone, BatchNormUse, ResNetConfig, compiled_backends, parse_device};
 use burn::tensor::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -31,8 +31,9 @@ fn forward(c: &mut Criterion) {
             continue;
         };
         let model = ResNetConfig::resnet50().init(&device);
-        let fused = model.clone().with_fc(None).fold_batchnorm();
-        let fused = fused.fused().is_some().then_some(fused);
+        let backbone = Backbone::in_memory(model.clone(), ResNetConfig::resnet50()).headless();
+        let fused =
+            (backbone.kernels_for(&device, BatchNormUse::Folded) == "fused").then_some(backbone);
         let mut group = c.benchmark_group(format!("{backend}/resnet50_forward"));
         group
             .sample_size(10)
@@ -54,7 +55,7 @@ fn forward(c: &mut Criterion) {
             if let Some(fused) = &fused {
                 group.bench_function(format!("fused_batch{batch}"), |b| {
                     b.iter(|| {
-                        let y = fused.forward_features(x.clone());
+                        let y = fused.features(x.clone(), BatchNormUse::Folded);
                         sync(&y.device(), y)
                     })
                 });

@@ -259,12 +259,7 @@ fn main() -> Result<()> {
             })
             .collect()
     };
-    let trained = avp::train::TrainedModel {
-        classifier: outcome.model,
-        classes: outcome.classes,
-        normalization: outcome.normalization,
-        backbone_config: outcome.backbone_config,
-    };
+    let trained = &outcome.model;
     let mut figure = Vec::new();
     for pred in trained.predict_paths(&picks, 8)? {
         let title: Vec<String> = trained
@@ -276,7 +271,7 @@ fn main() -> Result<()> {
         println!("{}: {}", pred.path.display(), title.join(", "));
         figure.push((decode_rgb8(&pred.path)?, title.join(", ")));
     }
-    let out_dir = outcome.out_dir;
+    let out_dir = &outcome.out_dir;
     let predictions = out_dir.join("predictions.png");
     avp::train::plot_predictions(&figure, &predictions)?;
     println!();

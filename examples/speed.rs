@@ -14,7 +14,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::model::{
+    Backbone, BatchNormUse, DownloadOptions, Kernels, LoadOptions, load_weights, parse_device,
+    resolve_weights,
+};
 use burn::tensor::{Distribution, Tensor};
 use clap::Parser;
 
@@ -61,14 +64,23 @@ fn main() -> Result<()> {
     )?;
     let net = load_weights(&file, &device, &LoadOptions::default())
         .with_context(|| format!("loading {}", file.display()))?;
-    let plain = net.model.with_fc(None);
-    let fused = plain.fold_batchnorm();
-    let folded = fused.clone().unfused();
-    let mut variants = vec![("unfolded", "burn", &plain), ("folded", "burn", &folded)];
-    if fused.fused().is_some() {
-        variants.push(("folded", "fused", &fused));
+    let describe = net.config.describe();
+    let auto = Backbone::from(net).headless();
+    let burn_only = Backbone::new(
+        auto.network().clone(),
+        auto.config().clone(),
+        auto.provenance().clone(),
+        auto.normalization().clone(),
+    )
+    .with_kernels(Kernels::Burn)?;
+    let mut variants = vec![
+        ("unfolded", "burn", &burn_only, BatchNormUse::Running),
+        ("folded", "burn", &burn_only, BatchNormUse::Folded),
+    ];
+    if auto.kernels_for(&device, BatchNormUse::Folded) == "fused" {
+        variants.push(("folded", "fused", &auto, BatchNormUse::Folded));
     }
-    for (&batch, &(bn, kernels, model)) in args
+    for (&batch, &(bn_label, kernels, model, bn)) in args
         .batch_size
         .iter()
         .flat_map(|b| variants.iter().map(move |v| (b, v)))
@@ -79,18 +91,18 @@ fn main() -> Result<()> {
             &device,
         );
         // Warm-up: allocations, kernel selection, caches.
-        let _ = model.forward_features(x.clone()).into_data();
+        let _ = model.features(x.clone(), bn).into_data();
         let t = Instant::now();
         for _ in 0..args.iters {
-            let _ = model.forward_features(x.clone()).into_data();
+            let _ = model.features(x.clone(), bn).into_data();
         }
         let secs = t.elapsed().as_secs_f64();
         let line = serde_json::json!({
             "mode": "inference",
-            "backbone": net.config.describe(),
+            "backbone": describe,
             "device": args.device,
             "batch": batch,
-            "batchnorm": bn,
+            "batchnorm": bn_label,
             "kernels": kernels,
             "iters": args.iters,
             "images_per_second": (batch * args.iters) as f64 / secs,

@@ -108,6 +108,20 @@ fn cuda(index: usize) -> Result<Device, ModelError> {
     Err(not_compiled("cuda", "cuda"))
 }
 
+/// Whether `device` is the flex CPU device (the one device the fused
+/// path serves).
+pub fn is_flex(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// The adapter a wgpu or vulkan device runs on, for a line the programs
 /// print: its name, and a warning when it is no graphics card (a CPU
 /// fallback such as Mesa's llvmpipe, tens of times slower than flex).

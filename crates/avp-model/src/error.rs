@@ -99,6 +99,9 @@ pub enum ModelError {
         /// The file.
         path: PathBuf,
     },
+    /// A request this backbone or build cannot serve (kernels, device).
+    #[error("{0}")]
+    Unsupported(String),
     /// A configuration that does not describe a network.
     #[error("invalid ResNet configuration: {0}")]
     InvalidConfig(String),

@@ -23,6 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod atomic;
+pub mod backbone;
+pub mod batchnorm;
 mod cache_dir;
 mod device;
 pub mod download;
@@ -36,15 +38,17 @@ pub mod onnx;
 pub mod resnet;
 pub mod weights;
 
+pub use backbone::{Backbone, Kernels};
+pub use batchnorm::{BatchNormUse, fold_batchnorm};
 pub use cache_dir::cache_root;
-pub use device::{DEVICE_NAMES, compiled_backends, device_report, parse_device};
+pub use device::{DEVICE_NAMES, compiled_backends, device_report, is_flex, parse_device};
 pub use download::{DownloadOptions, resolve_weights};
 pub use error::ModelError;
 pub use fill::fill;
 pub use fused::FusedResNet;
 pub use normalization::{ChannelOrder, EvalCrop, Normalization, NormalizationSource, ValueRange};
 pub use resnet::{
-    BatchNormUse, Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
+    Block, BlockKind, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
 };
 pub use weights::{
     KnownWeights, LoadOptions, LoadedModel, Provenance, WeightFormat, load_weights, manifest,

@@ -11,16 +11,14 @@
 //! pool may be a fixed window instead of a global pool.
 
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
-use std::sync::Arc;
 
 use crate::error::ModelError;
-use crate::fused::{FusedResNet, is_flex};
 
 /// The residual block kind.
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -245,8 +243,6 @@ impl ResNetConfig {
             layer4: next(),
             fc,
             final_pool_window: self.final_pool_window,
-            batchnorm_folded: false,
-            fused: None,
         }
     }
 
@@ -328,75 +324,17 @@ pub struct Block {
     pub downsample: Option<Downsample>,
 }
 
-/// How BatchNorm layers normalize during a forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchNormUse {
-    /// Burn's own behaviour: running statistics except on an autodiff
-    /// device with the layer in training mode.
-    Module,
-    /// Statistics of the batch at hand, and the running statistics updated
-    /// as PyTorch's `model.train()` does (momentum 0.1, unbiased variance),
-    /// whatever the device. The frozen-backbone "lesson" mode.
-    BatchStatistics,
-    /// No BatchNorm pass: the layers were folded into the convolutions
-    /// before them ([`ResNet::fold_batchnorm`]). A folded network uses
-    /// this whatever it is asked.
-    Folded,
-}
-
-fn batch_norm(bn: &BatchNorm, x: Tensor<4>, mode: BatchNormUse) -> Tensor<4> {
-    match mode {
-        BatchNormUse::Folded => x,
-        BatchNormUse::Module => bn.forward(x),
-        BatchNormUse::BatchStatistics => {
-            let [n, _, h, w] = x.dims();
-            let count = (n * h * w) as f64;
-            let r = burn::tensor::module::batch_norm_train(
-                x,
-                bn.gamma.val(),
-                bn.beta.val(),
-                bn.epsilon,
-            );
-            let unbiased = if count > 1.0 {
-                count / (count - 1.0)
-            } else {
-                1.0
-            };
-            let m = bn.momentum;
-            let device = r.mean.device();
-            let mean = bn.running_mean.value_sync().to_device(&device);
-            let var = bn.running_var.value_sync().to_device(&device);
-            bn.running_mean.update(
-                mean.mul_scalar(1.0 - m)
-                    .add(r.mean.detach().mul_scalar(m))
-                    .detach(),
-            );
-            bn.running_var.update(
-                var.mul_scalar(1.0 - m)
-                    .add(r.variance.detach().mul_scalar(m * unbiased))
-                    .detach(),
-            );
-            r.output
-        }
-    }
-}
-
 impl Block {
-    /// `relu(main(x) + shortcut(x))`.
+    /// `relu(main(x) + shortcut(x))`, BatchNorm as Burn's modules run it.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.forward_with(x, BatchNormUse::Module)
-    }
-
-    /// [`Block::forward`] with a choice of BatchNorm statistics.
-    pub fn forward_with(&self, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
+            Some(ds) => ds.bn.forward(ds.conv.forward(x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, self.conv1.forward(x), bn));
-        out = batch_norm(&self.bn2, self.conv2.forward(out), bn);
+        let mut out = relu(self.bn1.forward(self.conv1.forward(x)));
+        out = self.bn2.forward(self.conv2.forward(out));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv3.forward(relu(out)), bn);
+            out = bn3.forward(conv3.forward(relu(out)));
         }
         relu(out + identity)
     }
@@ -425,54 +363,15 @@ pub struct ResNet {
     /// See [`ResNetConfig::final_pool_window`].
     #[module(skip)]
     pub final_pool_window: Option<usize>,
-    /// Whether every BatchNorm is folded into its convolution (an
-    /// inference-only copy made by [`ResNet::fold_batchnorm`]).
-    #[module(skip)]
-    pub batchnorm_folded: bool,
-    /// The fused NHWC form of the network on the flex device
-    /// ([`crate::fused`]), built by [`ResNet::fold_batchnorm`] and
-    /// [`ResNet::with_fused_kernels`], used by
-    /// [`ResNet::forward_features_with`] for flex inputs.
-    #[module(skip)]
-    pub fused: Option<Arc<FusedResNet>>,
-}
-
-/// `conv` followed by `bn` (running statistics) as one convolution with a
-/// bias: `w' = w·γ/√(σ²+ε)`, `b' = (b − μ)·γ/√(σ²+ε) + β`.
-fn fold_into(conv: &Conv2d, bn: &BatchNorm) -> Conv2d {
-    let var = bn.running_var.value_sync();
-    let mean = bn.running_mean.value_sync();
-    let scale = bn.gamma.val().div(var.add_scalar(bn.epsilon).sqrt());
-    let [c] = scale.dims();
-    let weight = conv.weight.val().mul(scale.clone().reshape([c, 1, 1, 1]));
-    let bias = match &conv.bias {
-        Some(b) => b.val(),
-        None => Tensor::zeros([c], &scale.device()),
-    };
-    let bias = bias.sub(mean).mul(scale).add(bn.beta.val());
-    let mut folded = conv.clone();
-    folded.weight = Param::from_tensor(weight);
-    folded.bias = Some(Param::from_tensor(bias));
-    folded
 }
 
 impl ResNet {
     /// The feature map before pooling, `[N, F, H/32, W/32]`.
     pub fn forward_feature_map(&self, images: Tensor<4>) -> Tensor<4> {
-        self.forward_feature_map_with(images, BatchNormUse::Module)
-    }
-
-    /// [`ResNet::forward_feature_map`] with a choice of BatchNorm statistics.
-    pub fn forward_feature_map_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
-        let bn = if self.batchnorm_folded {
-            BatchNormUse::Folded
-        } else {
-            bn
-        };
-        let x = relu(batch_norm(&self.bn1, self.conv1.forward(images), bn));
+        let x = relu(self.bn1.forward(self.conv1.forward(images)));
         let mut x = self.maxpool.forward(x);
         for block in self.blocks() {
-            x = block.forward_with(x, bn);
+            x = block.forward(x);
         }
         x
     }
@@ -486,87 +385,18 @@ impl ResNet {
             .chain(&self.layer4)
     }
 
-    /// An inference copy with every BatchNorm folded into the convolution
-    /// before it (running statistics): the same function up to float
-    /// rounding, with one pass over memory fewer per layer. Its BatchNorm
-    /// modules are kept (untouched) but no longer run, so it cannot use
-    /// batch statistics; train or save the original.
-    ///
-    /// On the flex device the copy also carries the fused NHWC form of the
-    /// network ([`crate::fused`]): convolution, bias, shortcut and ReLU in
-    /// one pass, weights packed once. [`ResNet::forward_features`] uses it
-    /// for flex inputs. It is a snapshot of the weights at folding time;
-    /// `AVP_FUSED=0` in the environment (or [`ResNet::unfused`]) keeps
-    /// Burn's own kernels.
-    pub fn fold_batchnorm(&self) -> ResNet {
-        if self.batchnorm_folded {
-            return self.clone();
-        }
-        let mut m = self.clone();
-        m.conv1 = fold_into(&self.conv1, &self.bn1);
-        for block in m
-            .layer1
+    /// Every residual block, mutably, stage by stage.
+    pub fn blocks_mut(&mut self) -> impl Iterator<Item = &mut Block> {
+        self.layer1
             .iter_mut()
-            .chain(m.layer2.iter_mut())
-            .chain(m.layer3.iter_mut())
-            .chain(m.layer4.iter_mut())
-        {
-            block.conv1 = fold_into(&block.conv1, &block.bn1);
-            block.conv2 = fold_into(&block.conv2, &block.bn2);
-            if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
-                block.conv3 = Some(fold_into(conv3, bn3));
-            }
-            if let Some(ds) = &mut block.downsample {
-                ds.conv = fold_into(&ds.conv, &ds.bn);
-            }
-        }
-        m.batchnorm_folded = true;
-        m.no_grad().with_fused_kernels()
-    }
-
-    /// Packs this network for the fused CPU path ([`crate::fused`]) when
-    /// its parameters are on the flex device (otherwise, or with
-    /// `AVP_FUSED=0` in the environment, returns it unchanged). The packed
-    /// weights are a snapshot: a network whose convolutions change later
-    /// (training the backbone) must not use this. BatchNorm parameters and
-    /// statistics are read at each call, so a frozen backbone in the
-    /// lesson's batch-statistics mode can use it.
-    pub fn with_fused_kernels(mut self) -> Self {
-        let wanted = std::env::var("AVP_FUSED").map_or(true, |v| v.trim() != "0");
-        if wanted && is_flex(&self.conv1.weight.device()) {
-            self.fused = FusedResNet::new(&self).map(Arc::new);
-        }
-        self
-    }
-
-    /// The fused form, when [`ResNet::with_fused_kernels`] built one.
-    pub fn fused(&self) -> Option<&FusedResNet> {
-        self.fused.as_deref()
-    }
-
-    /// This network without its fused form: forward passes run through
-    /// Burn's modules (to compare the two, or to rule the fused path out).
-    pub fn unfused(mut self) -> Self {
-        self.fused = None;
-        self
+            .chain(self.layer2.iter_mut())
+            .chain(self.layer3.iter_mut())
+            .chain(self.layer4.iter_mut())
     }
 
     /// The headless backbone: globally average-pooled features `[N, F]`.
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<2> {
-        self.forward_features_with(images, BatchNormUse::Module)
-    }
-
-    /// [`ResNet::forward_features`] with a choice of BatchNorm statistics.
-    pub fn forward_features_with(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
-        if let Some(fused) = &self.fused
-            && is_flex(&images.device())
-            && let Some(features) = fused.forward_features(self, images.clone(), bn)
-        {
-            return features;
-        }
-        let map = self.forward_feature_map_with(images, bn);
-        let [n, c, _, _] = map.dims();
-        map.mean_dims(&[2, 3]).reshape([n, c])
+        global_pool(self.forward_feature_map(images))
     }
 
     /// Logits `[N, classes]`, or the pooled features for a headless model.
@@ -640,6 +470,12 @@ impl ResNet {
         }
         Ok(())
     }
+}
+
+/// Global average pool `[N, C, H, W]` → `[N, C]`.
+pub fn global_pool(map: Tensor<4>) -> Tensor<2> {
+    let [n, c, _, _] = map.dims();
+    map.mean_dims(&[2, 3]).reshape([n, c])
 }
 
 #[cfg(all(test, feature = "flex"))]

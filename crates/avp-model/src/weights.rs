@@ -128,6 +128,25 @@ pub struct Provenance {
     pub converted_from: Option<Box<Provenance>>,
 }
 
+impl Provenance {
+    /// The provenance of a network made in memory (a random
+    /// initialisation, a test), read from no file.
+    pub fn in_memory(architecture: impl Into<String>) -> Self {
+        Self {
+            path: PathBuf::new(),
+            format: WeightFormat::Burnpack,
+            sha256: String::new(),
+            architecture: architecture.into(),
+            producer: None,
+            opset: None,
+            folded_batchnorm: false,
+            stored_values: 0,
+            known: None,
+            converted_from: None,
+        }
+    }
+}
+
 /// A loaded network with everything needed to feed it correctly.
 #[derive(Debug)]
 pub struct LoadedModel {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use avp_model::onnx::proto::{ModelProto, TensorProto};
 use avp_model::{
-    BlockKind, LoadOptions, ModelError, StridePlacement, WeightFormat, load_weights, npy,
-    onnx::import_resnet_bytes, parse_device, save_native,
+    Backbone, BatchNormUse, BlockKind, Kernels, LoadOptions, ModelError, StridePlacement,
+    WeightFormat, load_weights, npy, onnx::import_resnet_bytes, parse_device, save_native,
 };
 use burn::tensor::{Device, Tensor, TensorData};
 use prost::Message;
@@ -37,6 +37,16 @@ fn run(model: &avp_model::ResNet, input: &Path, device: &Device) -> Vec<f32> {
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), device);
     model
         .forward(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 output")
+}
+
+fn run_backbone(backbone: &Backbone, bn: BatchNormUse, input: &Path, device: &Device) -> Vec<f32> {
+    let (shape, values) = npy::read_f32(input).expect("input npy");
+    let x = Tensor::<4>::from_data(TensorData::new(values, shape), device);
+    backbone
+        .forward(x, bn)
         .into_data()
         .try_to_vec::<f32>()
         .expect("f32 output")
@@ -94,17 +104,17 @@ fn every_fixture_imports_with_the_built_architecture_and_matches_onnxruntime() {
         let (_, reference) = npy::read_f32(&fixtures().join(format!("{name}.output.npy"))).unwrap();
         let err = rel_err(&ours, &reference);
         assert!(err <= 1e-4, "{name}: relative error {err} > 1e-4");
-        // BatchNorm folded into the convolutions: the same function.
-        let folded = loaded.model.fold_batchnorm();
-        assert!(folded.batchnorm_folded);
-        // On flex the folded network runs through the fused path.
-        assert!(folded.fused().is_some_and(|f| f.is_folded()), "{name}");
-        // Not folded, through the fused path (BatchNorm applied in-tile).
-        let packed = loaded.model.clone().with_fused_kernels();
-        assert!(packed.fused().is_some_and(|f| !f.is_folded()), "{name}");
-        for (how, model) in [("folded", &folded), ("fused", &packed)] {
-            let ours = run(
-                model,
+        // BatchNorm folded into the convolutions (the same function), and
+        // not folded but applied in-tile: on flex both run the fused path.
+        let backbone = Backbone::from(loaded);
+        for (how, bn) in [
+            ("folded", BatchNormUse::Folded),
+            ("fused", BatchNormUse::Running),
+        ] {
+            assert_eq!(backbone.kernels_for(&device, bn), "fused", "{name} {how}");
+            let ours = run_backbone(
+                &backbone,
+                bn,
                 &fixtures().join(format!("{name}.input.npy")),
                 &device,
             );
@@ -516,17 +526,13 @@ fn batch_statistics_mode_matches_pytorch_train_forward_and_running_stats() {
 }
 
 fn check_batch_statistics(dir: &Path, device: &Device, fused: bool) {
-    let mut loaded =
-        load_weights(&dir.join("model.onnx"), device, &LoadOptions::default()).unwrap();
-    if fused {
-        loaded.model = loaded.model.with_fused_kernels();
-        assert!(loaded.model.fused().is_some());
-    }
+    let loaded = load_weights(&dir.join("model.onnx"), device, &LoadOptions::default()).unwrap();
+    let kernels = if fused { Kernels::Fused } else { Kernels::Burn };
+    let backbone = Backbone::from(loaded).with_kernels(kernels).unwrap();
     let (shape, values) = npy::read_f32(&dir.join("input.npy")).unwrap();
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), device);
-    let ours = loaded
-        .model
-        .forward_features_with(x, avp_model::BatchNormUse::BatchStatistics)
+    let ours = backbone
+        .features(x, BatchNormUse::Batch)
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
@@ -551,8 +557,8 @@ fn check_batch_statistics(dir: &Path, device: &Device, fused: bool) {
         )
     };
     for (name, bn) in [
-        ("bn1", &loaded.model.bn1),
-        ("l4_bn2", &loaded.model.layer4[0].bn2),
+        ("bn1", &backbone.network().bn1),
+        ("l4_bn2", &backbone.network().layer4[0].bn2),
     ] {
         let (mean, var) = stats(bn);
         let (_, ref_mean) = npy::read_f32(&dir.join(format!("{name}_mean.npy"))).unwrap();

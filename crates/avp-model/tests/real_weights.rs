@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use avp_model::{
-    BlockKind, ChannelOrder, LoadOptions, NormalizationSource, PaddingStyle, ValueRange,
-    load_weights, npy, parse_device,
+    Backbone, BatchNormUse, BlockKind, ChannelOrder, LoadOptions, NormalizationSource,
+    PaddingStyle, ValueRange, load_weights, npy, parse_device,
 };
 use burn::tensor::{Tensor, TensorData};
 
@@ -42,7 +42,7 @@ fn required_dir(var: &str) -> PathBuf {
 /// Runs `model` on `dir/INPUT.npy` and returns the largest relative error
 /// against `dir/OUTPUT.npy`, checking the input's batch size first.
 fn error_against(
-    model: &avp_model::ResNet,
+    model: impl Fn(Tensor<4>) -> Tensor<2>,
     dir: &Path,
     input: &str,
     output: &str,
@@ -55,7 +55,7 @@ fn error_against(
         "{input}: batch of at least {min_batch}"
     );
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let ours = model.forward(x).into_data().try_to_vec::<f32>().unwrap();
+    let ours = model(x).into_data().try_to_vec::<f32>().unwrap();
     let (_, reference) = npy::read_f32(&dir.join(output)).unwrap();
     rel_err(&ours, &reference)
 }
@@ -116,7 +116,7 @@ fn real_resnet18_matches_onnxruntime_on_eight_photos_at_once() {
     let loaded = load_weights(&net, &device, &LoadOptions::default()).unwrap();
     // At least 8 photos in one batch; the reference ran them one at a time.
     let err = error_against(
-        &loaded.model,
+        |x| loaded.model.forward(x),
         &dir,
         "mlnet_photos.input.npy",
         "mlnet_photos.output.npy",
@@ -124,8 +124,9 @@ fn real_resnet18_matches_onnxruntime_on_eight_photos_at_once() {
     );
     assert!(err <= 1e-4, "relative error {err}");
     // With its 22 BatchNorm layers folded into the convolutions.
+    let backbone = Backbone::from(loaded);
     let err = error_against(
-        &loaded.model.fold_batchnorm(),
+        |x| backbone.forward(x, BatchNormUse::Folded),
         &dir,
         "mlnet_photos.input.npy",
         "mlnet_photos.output.npy",
@@ -150,7 +151,7 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
         assert_eq!(loaded.config.layers, [3, 4, 6, 3]);
         assert_eq!(loaded.config.num_classes, Some(1000));
         let err = error_against(
-            &loaded.model,
+            |x| loaded.model.forward(x),
             &dir,
             &format!("{name}.input.npy"),
             &format!("{name}.output.npy"),
@@ -158,13 +159,14 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
         );
         assert!(err <= 1e-4, "{name}: relative error {err}");
         // The fused CPU path, BatchNorm folded and applied in-tile.
-        for (how, model) in [
-            ("folded", loaded.model.fold_batchnorm()),
-            ("fused", loaded.model.clone().with_fused_kernels()),
+        let backbone = Backbone::from(loaded);
+        for (how, bn) in [
+            ("folded", BatchNormUse::Folded),
+            ("fused", BatchNormUse::Running),
         ] {
-            assert!(model.fused().is_some(), "{name} {how}");
+            assert_eq!(backbone.kernels_for(&device, bn), "fused", "{name} {how}");
             let err = error_against(
-                &model,
+                |x| backbone.forward(x, bn),
                 &dir,
                 &format!("{name}.input.npy"),
                 &format!("{name}.output.npy"),
@@ -176,7 +178,7 @@ fn full_size_resnet50_matches_onnxruntime_folded_and_unfolded_and_from_pth() {
     // The same network from its torchvision state dict.
     let loaded = load_weights(&dir.join("resnet50.pth"), &device, &LoadOptions::default()).unwrap();
     let err = error_against(
-        &loaded.model,
+        |x| loaded.model.forward(x),
         &dir,
         "resnet50_unfolded.input.npy",
         "resnet50_unfolded.output.npy",

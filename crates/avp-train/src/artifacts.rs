@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::sync::Once;
 
-use avp_model::{Normalization, ResNet, ResNetConfig};
+use std::sync::Arc;
+
+use avp_model::{Backbone, Normalization, Provenance, ResNet, ResNetConfig, WeightFormat};
 use burn::module::Module;
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
@@ -30,17 +32,24 @@ pub struct ClassifierWeights {
     pub head: Head,
 }
 
-/// A trained classifier loaded from `model.bpk`.
+/// A trained classifier: what a training run returns and what `model.bpk`
+/// holds.
 #[derive(Debug)]
 pub struct TrainedModel {
     /// The classifier.
     pub classifier: Classifier,
     /// Class names, in index order.
     pub classes: Vec<String>,
-    /// The input normalization the backbone expects.
+    /// The input normalization (and evaluation transform) predictions use:
+    /// what validation used.
     pub normalization: Normalization,
+}
+
+impl TrainedModel {
     /// The backbone's architecture.
-    pub backbone_config: ResNetConfig,
+    pub fn backbone_config(&self) -> &ResNetConfig {
+        self.classifier.backbone.0.config()
+    }
 }
 
 const META_BACKBONE: &str = "avp.backbone_config";
@@ -56,13 +65,10 @@ fn write_err(path: &Path, why: impl std::fmt::Display) -> TrainError {
 }
 
 /// Writes backbone and head to `path` (burnpack) with their metadata.
-pub fn save_model(
-    model: &Classifier,
-    backbone_config: &ResNetConfig,
-    classes: &[String],
-    normalization: &Normalization,
-    path: &Path,
-) -> Result<(), TrainError> {
+pub fn save_model(trained: &TrainedModel, path: &Path) -> Result<(), TrainError> {
+    let model = &trained.classifier;
+    let (classes, normalization) = (&trained.classes, &trained.normalization);
+    let backbone_config = trained.backbone_config();
     let widths: Vec<usize> = model
         .head
         .layers
@@ -71,7 +77,7 @@ pub fn save_model(
         .collect();
     let json = |v: serde_json::Result<String>| v.map_err(|e| write_err(path, e));
     let weights = ClassifierWeights {
-        backbone: (*model.backbone.0).clone(),
+        backbone: model.backbone.0.network().clone(),
         head: model.head.clone(),
     };
     let mut store = BurnpackStore::from_file(path)
@@ -148,11 +154,25 @@ pub fn load_model(path: &Path, device: &Device) -> Result<TrainedModel, TrainErr
             result.missing, result.errors
         )));
     }
+    let provenance = Provenance {
+        path: path.to_path_buf(),
+        format: WeightFormat::Burnpack,
+        sha256: std::fs::read(path)
+            .map(|b| avp_model::sha256_hex(&b))
+            .map_err(|e| bad(format!("cannot read it: {e}")))?,
+        architecture: backbone_config.describe(),
+        ..Provenance::in_memory("")
+    };
+    let backbone = Backbone::new(
+        weights.backbone,
+        backbone_config,
+        provenance,
+        normalization.clone(),
+    );
     Ok(TrainedModel {
-        classifier: Classifier::new(weights.backbone, weights.head, BnMode::Frozen)?,
+        classifier: Classifier::new(Arc::new(backbone), weights.head, BnMode::Frozen)?,
         classes,
         normalization,
-        backbone_config,
     })
 }
 

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, UNIX_EPOCH};
 
 use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
-use avp_model::{Normalization, ResNet, ResNetConfig, sha256_hex};
+use avp_model::{Backbone, BatchNormUse, Normalization, ResNetConfig, sha256_hex};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -303,23 +303,12 @@ pub fn check_writable(dir: &Path) -> Result<(), TrainError> {
     })
 }
 
-/// The backbone's identity, for the key.
-pub struct BackboneId<'a> {
-    /// The frozen backbone (headless).
-    pub model: &'a ResNet,
-    /// SHA-256 of the weights file.
-    pub weights_sha256: &'a str,
-    /// Its architecture.
-    pub config: &'a ResNetConfig,
-    /// Its input normalization.
-    pub normalization: &'a Normalization,
-}
-
 /// Reads the features of `job` from `dir` when present, otherwise runs the
 /// backbone (BatchNorm with running statistics) over every view and stores
 /// them there. Without `dir` nothing is read or written.
 pub fn features(
-    backbone: &BackboneId<'_>,
+    backbone: &Backbone,
+    normalization: &Normalization,
     job: &FeatureJob<'_>,
     dir: Option<&Path>,
     device: &Device,
@@ -330,15 +319,15 @@ pub fn features(
         ));
     }
     let key = key_text(
-        backbone.weights_sha256,
-        backbone.config,
-        backbone.normalization,
+        &backbone.provenance().sha256,
+        backbone.config(),
+        normalization,
         job.folder,
         &job.pipeline,
         job.views,
         job.seed,
     );
-    let width = backbone.model.num_features();
+    let width = backbone.num_features();
     check_size(job, width)?;
     let file = dir.map(|d| cache_file(d, &key));
     if let Some(file) = &file
@@ -365,7 +354,7 @@ pub fn features(
     if let Some(dir) = dir {
         check_writable(dir)?;
     }
-    let table = compute(backbone.model, job, device)?;
+    let table = compute(backbone, job, device)?;
     if let (Some(dir), Some(file)) = (dir, &file) {
         write_atomic(dir, file, &table.to_bytes(&key))?;
         println!(
@@ -391,13 +380,11 @@ fn write_atomic(dir: &Path, file: &Path, bytes: &[u8]) -> Result<(), TrainError>
 
 /// Runs the backbone over every view of every image of `job`.
 fn compute(
-    model: &ResNet,
+    model: &Backbone,
     job: &FeatureJob<'_>,
     device: &Device,
 ) -> Result<FeatureTable, TrainError> {
     let inner = device.clone().without_autodiff();
-    // Running statistics, folded into the convolutions: one pass fewer per layer.
-    let model = &model.fold_batchnorm();
     let dataset = ImageDataset::new(job.folder.clone(), job.pipeline.clone(), job.seed);
     let width = model.num_features();
     let len = job.folder.len();
@@ -416,7 +403,8 @@ fn compute(
         for batch in loader.iter() {
             let batch =
                 batch.map_err(|e| TrainError::Config(format!("cannot read an image: {e}")))?;
-            let f = model.forward_features(batch.images);
+            // Running statistics, folded: the backbone's folded form.
+            let f = model.features(batch.images, BatchNormUse::Folded);
             let data = f
                 .into_data()
                 .convert::<f32>()

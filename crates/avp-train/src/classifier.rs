@@ -1,16 +1,18 @@
-//! `Classifier` = a frozen backbone + a trainable head.
+//! `Classifier` = a frozen [`Backbone`] + a trainable head.
 //!
-//! The backbone lives on the *inner* device (never on the autodiff tape):
-//! images are taken off autodiff, run through the backbone, and the pooled
+//! The backbone runs on the *inner* device (never on the autodiff tape):
+//! [`Backbone::features`] takes images off autodiff, and the pooled
 //! features are lifted back onto the autodiff device for the head, so a
 //! training step records only the head. The backbone is held outside the
 //! Burn module tree (a `#[module(skip)]` field), which also keeps it out of
-//! the optimizer's reach and out of every checkpoint of the head.
+//! the optimizer's reach and out of every checkpoint of the head. How it
+//! runs (folded, fused) is the backbone's business; which BatchNorm use
+//! each phase asks for is [`BnMode::batchnorm_use`].
 
 use std::sync::{Arc, Mutex};
 
 use avp_data::ImageBatch;
-use avp_model::{BatchNormUse, ResNet};
+use avp_model::{Backbone, BatchNormUse};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -125,6 +127,20 @@ pub enum BnMode {
     Lesson,
 }
 
+impl BnMode {
+    /// What the backbone's BatchNorm layers do in the training phase
+    /// (`train`) or in validation and inference: frozen runs the folded
+    /// network always; the lesson uses batch statistics while training and
+    /// the (moving) running statistics otherwise.
+    pub fn batchnorm_use(self, train: bool) -> BatchNormUse {
+        match (self, train) {
+            (BnMode::Frozen, _) => BatchNormUse::Folded,
+            (BnMode::Lesson, true) => BatchNormUse::Batch,
+            (BnMode::Lesson, false) => BatchNormUse::Running,
+        }
+    }
+}
+
 /// Per-phase running totals, read by the progress logger at the end of
 /// each phase.
 #[derive(Debug, Default, Clone, Copy)]
@@ -164,7 +180,7 @@ impl std::fmt::Debug for EpochTotals {
 /// The frozen backbone, shared (not copied) by every clone of the
 /// classifier.
 #[derive(Clone, Debug)]
-pub struct FrozenBackbone(pub Arc<ResNet>);
+pub struct FrozenBackbone(pub Arc<Backbone>);
 
 /// A frozen backbone and a trainable head.
 #[derive(Module, Debug)]
@@ -174,10 +190,6 @@ pub struct Classifier {
     /// The frozen backbone, on the inner (non-autodiff) device.
     #[module(skip)]
     pub backbone: FrozenBackbone,
-    /// In [`BnMode::Frozen`], the backbone with its BatchNorm folded into
-    /// the convolutions ([`ResNet::fold_batchnorm`]): what actually runs.
-    #[module(skip)]
-    pub folded: Option<FrozenBackbone>,
     /// BatchNorm behaviour while training.
     #[module(skip)]
     pub bn_mode: BnMode,
@@ -188,7 +200,7 @@ pub struct Classifier {
 
 impl Classifier {
     /// Joins a backbone and a head, checking that their widths fit.
-    pub fn new(backbone: ResNet, head: Head, bn_mode: BnMode) -> Result<Self, TrainError> {
+    pub fn new(backbone: Arc<Backbone>, head: Head, bn_mode: BnMode) -> Result<Self, TrainError> {
         let f = backbone.num_features();
         if head.features() != f {
             return Err(TrainError::Config(format!(
@@ -196,19 +208,9 @@ impl Classifier {
                 head.features()
             )));
         }
-        let folded = (bn_mode == BnMode::Frozen)
-            .then(|| FrozenBackbone(Arc::new(backbone.fold_batchnorm())));
-        // In lesson mode the stored backbone runs, its BatchNorm layers
-        // live: give it the fused CPU path too (BatchNorm applied in the
-        // same tiles, statistics read and updated in the modules).
-        let backbone = match bn_mode {
-            BnMode::Lesson => backbone.no_grad().with_fused_kernels(),
-            BnMode::Frozen => backbone.no_grad(),
-        };
         Ok(Self {
             head,
-            folded,
-            backbone: FrozenBackbone(Arc::new(backbone)),
+            backbone: FrozenBackbone(backbone),
             bn_mode,
             totals: Arc::new(Mutex::new(EpochTotals::default())),
         })
@@ -220,20 +222,14 @@ impl Classifier {
         self.features_in_phase(images, false)
     }
 
-    /// Features in the training phase (`train = true`) or otherwise: in
-    /// [`BnMode::Lesson`] the training phase uses batch statistics.
+    /// Features in the training phase (`train = true`) or otherwise (see
+    /// [`BnMode::batchnorm_use`]).
     pub fn features_in_phase(&self, images: Tensor<4>, train: bool) -> Tensor<2> {
         let on_tape = images.is_autodiff();
-        let x = images.without_autodiff();
-        let bn = match (self.bn_mode, train) {
-            (BnMode::Lesson, true) => BatchNormUse::BatchStatistics,
-            _ => BatchNormUse::Module,
-        };
-        let net = match &self.folded {
-            Some(f) => &f.0,
-            None => &self.backbone.0,
-        };
-        let f = net.forward_features_with(x, bn);
+        let f = self
+            .backbone
+            .0
+            .features(images, self.bn_mode.batchnorm_use(train));
         if on_tape { f.autodiff() } else { f }
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use avp_data::{ImageDataset, ImageFolder, OpenOptions, OrderedLoader, Pipeline, Split};
-use avp_model::LoadedModel;
+use avp_model::Backbone;
 use burn::config::Config;
 use burn::data::dataloader::DataLoader;
 use burn::optim::AdamConfig;
@@ -23,8 +23,9 @@ use burn::train::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::TrainedModel;
 use crate::bridge::{data_normalize, eval_pipeline};
-use crate::cache::{BackboneId, CacheOrigin, FeatureJob, FeatureLoader};
+use crate::cache::{CacheOrigin, FeatureJob, FeatureLoader};
 use crate::classifier::{BnMode, CachedHead, Classifier, EpochTotals, HeadConfig};
 use crate::error::TrainError;
 use crate::render::PlainRenderer;
@@ -193,18 +194,12 @@ pub struct EpochMetrics {
 /// What a training run produced.
 #[derive(Debug)]
 pub struct TrainOutcome {
-    /// The trained classifier (head on the inner device).
-    pub model: Classifier,
-    /// Class names, in index order.
-    pub classes: Vec<String>,
+    /// The trained model (head on the inner device), as `model.bpk` holds it.
+    pub model: TrainedModel,
     /// Per-epoch metrics.
     pub epochs: Vec<EpochMetrics>,
     /// The output folder.
     pub out_dir: PathBuf,
-    /// The backbone's architecture.
-    pub backbone_config: avp_model::ResNetConfig,
-    /// The backbone's input normalization.
-    pub normalization: avp_model::Normalization,
     /// The epoch a resumed run restarted from (`None`: a fresh run).
     pub resumed_after: Option<usize>,
     /// Where the cached features came from (`None` without the cache).
@@ -693,7 +688,7 @@ fn strategy_device(strategy: &ExecutionStrategy) -> Result<Device, TrainError> {
 /// one device, writing checkpoints, `metrics.csv`, `config.json`,
 /// `model.bpk` and `curves.png` into `out_dir`. See [`train_with`].
 pub fn train(
-    backbone: LoadedModel,
+    backbone: impl Into<Backbone>,
     root: &Path,
     out_dir: &Path,
     config: &TrainConfig,
@@ -712,7 +707,7 @@ pub fn train(
 /// keeping a finished run in `out_dir` until the new one has finished (see
 /// [`train_with_policy`]).
 pub fn train_with(
-    backbone: LoadedModel,
+    backbone: impl Into<Backbone>,
     root: &Path,
     out_dir: &Path,
     config: &TrainConfig,
@@ -740,7 +735,7 @@ pub fn train_with(
 /// error inside burn-train's loop, or a loss that is not finite, fails the
 /// run and writes no `model.bpk`.
 pub fn train_with_policy(
-    backbone: LoadedModel,
+    backbone: impl Into<Backbone>,
     root: &Path,
     out_dir: &Path,
     config: &TrainConfig,
@@ -748,6 +743,7 @@ pub fn train_with_policy(
     policy: OutputPolicy,
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
+    let backbone = Arc::new(backbone.into().headless());
     let device = strategy_device(&strategy)?;
     if out_dir.exists() && !out_dir.is_dir() {
         return Err(TrainError::Config(format!(
@@ -765,7 +761,7 @@ pub fn train_with_policy(
     let (train_folder, valid_folder) = open_splits_with(root, options)?;
     println!("{train_folder}");
     println!("{valid_folder}");
-    backbone.model.check_input_size(224, 224)?;
+    backbone.check_input_size(224, 224)?;
     if config.feature_cache {
         let views = if config.augment {
             config.cache_views
@@ -776,7 +772,7 @@ pub fn train_with_policy(
             "train",
             views,
             train_folder.len(),
-            backbone.model.num_features(),
+            backbone.num_features(),
             (config.cache_max_gb * 1e9) as u64,
         )?;
     }
@@ -805,11 +801,11 @@ pub fn train_with_policy(
     } else {
         out_dir.to_path_buf()
     };
-    let identity = run_identity(&backbone.provenance.sha256, root);
+    let identity = run_identity(&backbone.provenance().sha256, root);
     let resume = if policy.restart {
         None
     } else {
-        plan_resume(&work, config, &backbone.provenance.sha256, root)?
+        plan_resume(&work, config, &backbone.provenance().sha256, root)?
     };
     let csv = work.join("metrics.csv");
     let done = match resume {
@@ -836,10 +832,9 @@ pub fn train_with_policy(
     let out_dir = work.as_path();
     // The validation transform is stored with the model: predictions
     // later see images as validation did.
-    let normalization = config.eval_transform.resolve(&backbone.normalization);
+    let normalization = config.eval_transform.resolve(backbone.normalization());
     let normalize = data_normalize(&normalization);
     let eval = eval_pipeline(&normalization);
-    let backbone_config = backbone.config.clone().with_num_classes(None);
     let train_pipeline = match (config.augment, config.augmentation) {
         (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
         (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
@@ -849,10 +844,8 @@ pub fn train_with_policy(
     let ad = inner.clone().autodiff();
     inner.seed(config.seed);
     ad.seed(config.seed);
-    let features = backbone.model.num_features();
+    let features = backbone.num_features();
     let head = config.head.init(features, classes.len(), &ad)?;
-    let weights_sha256 = backbone.provenance.sha256.clone();
-    let backbone_model = backbone.model.with_fc(None);
     let start_epoch = resume.unwrap_or(0) as u64;
     let run = |totals| Run {
         out_dir,
@@ -865,12 +858,6 @@ pub fn train_with_policy(
     let (model, epochs, cache) = if config.feature_cache {
         let dir = feature_dir(config);
         let max_bytes = (config.cache_max_gb * 1e9) as u64;
-        let id = BackboneId {
-            model: &backbone_model,
-            weights_sha256: &weights_sha256,
-            config: &backbone_config,
-            normalization: &normalization,
-        };
         let views = if config.augment {
             config.cache_views
         } else {
@@ -886,13 +873,15 @@ pub fn train_with_policy(
             max_bytes,
         };
         let (train_table, o1) = crate::cache::features(
-            &id,
+            &backbone,
+            &normalization,
             &job("train", &train_folder, train_pipeline, views),
             Some(&dir),
             &inner,
         )?;
         let (valid_table, o2) = crate::cache::features(
-            &id,
+            &backbone,
+            &normalization,
             &job("validation", &valid_folder, eval.clone(), 1),
             Some(&dir),
             &inner,
@@ -914,13 +903,13 @@ pub fn train_with_policy(
             Arc::new(valid_loader),
             run(totals),
         )?;
-        let model = Classifier::new(backbone_model, trained.head, config.bn_mode)?;
+        let model = Classifier::new(Arc::clone(&backbone), trained.head, config.bn_mode)?;
         (model, epochs, Some(origin))
     } else {
         let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
         let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
         train_ds.set_epoch(start_epoch);
-        let model = Classifier::new(backbone_model, head, config.bn_mode)?;
+        let model = Classifier::new(Arc::clone(&backbone), head, config.bn_mode)?;
         let totals = Arc::clone(&model.totals);
         let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
         train_loader.set_epoch(start_epoch);
@@ -934,22 +923,17 @@ pub fn train_with_policy(
         (model, epochs, None)
     };
     let outcome = TrainOutcome {
-        model,
-        classes,
+        model: TrainedModel {
+            classifier: model,
+            classes,
+            normalization,
+        },
         epochs,
         out_dir: out_dir_final.to_path_buf(),
-        backbone_config,
-        normalization,
         resumed_after: resume,
         cache,
     };
-    crate::artifacts::save_model(
-        &outcome.model,
-        &outcome.backbone_config,
-        &outcome.classes,
-        &outcome.normalization,
-        &out_dir.join("model.bpk"),
-    )?;
+    crate::artifacts::save_model(&outcome.model, &out_dir.join("model.bpk"))?;
     crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
     if out_dir != out_dir_final {
         crate::output::swap_in(out_dir, out_dir_final)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use avp_data::{ImageDataset, ImageFolder, OpenOptions, Pipeline, Split};
 use avp_model::parse_device;
-use avp_train::cache::{BackboneId, FeatureJob, features};
+use avp_train::cache::{FeatureJob, features};
 use avp_train::{
     BnMode, CacheOrigin, TrainConfig, data_normalize, read_metrics_csv, resume_point, train,
 };
@@ -34,13 +34,10 @@ fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentati
     let device = parse_device("flex").unwrap();
     let backbone = tiny_backbone(&device);
     let folder = ImageFolder::open(&s.0, Split::Train, OpenOptions::default()).unwrap();
-    let normalize = data_normalize(&backbone.normalization);
-    let id = BackboneId {
-        model: &backbone.model,
-        weights_sha256: &backbone.provenance.sha256,
-        config: &backbone.config,
-        normalization: &backbone.normalization,
-    };
+    let normalization = backbone.normalization.clone();
+    let normalize = data_normalize(&normalization);
+    let net = backbone.model.clone();
+    let backbone = avp_model::Backbone::from(backbone);
     let job = FeatureJob {
         label: "train",
         folder: &folder,
@@ -50,7 +47,7 @@ fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentati
         batch_size: 4,
         max_bytes: 1 << 30,
     };
-    let (table, origin) = features(&id, &job, None, &device).unwrap();
+    let (table, origin) = features(&backbone, &normalization, &job, None, &device).unwrap();
     assert_eq!(origin, CacheOrigin::Computed);
     assert_eq!((table.len, table.views, table.width), (10, 3, 64));
     // View v of image i is what the uncached run feeds the backbone in epoch v.
@@ -59,8 +56,9 @@ fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentati
         let item = ds.item_at(index, view as u64).unwrap();
         let [c, h, w] = item.shape;
         let x = Tensor::<4>::from_data(TensorData::new(item.pixels, [1, c, h, w]), &device);
-        let direct = backbone
-            .model
+        // Burn's modules, BatchNorm unfolded: the cache's folded, fused
+        // pass computes the same function.
+        let direct = net
             .forward_features(x)
             .into_data()
             .try_to_vec::<f32>()

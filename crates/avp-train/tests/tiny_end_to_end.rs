@@ -54,7 +54,7 @@ fn three_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouche
         .with_lr(3e-2);
     let out = s.0.join("out");
     let outcome = train(backbone, &data, &out, &config, &device).unwrap();
-    assert_eq!(outcome.classes, ["blue", "red"]);
+    assert_eq!(outcome.model.classes, ["blue", "red"]);
     assert_eq!(outcome.epochs.len(), 3);
     let last = outcome.epochs.last().unwrap();
     assert!(
@@ -63,14 +63,17 @@ fn three_epochs_on_generated_images_learn_and_leave_the_frozen_backbone_untouche
         last.valid_acc
     );
     // Frozen means frozen: not a bit of the backbone moved.
-    assert_eq!(before, snapshot(&outcome.model.backbone.0));
+    assert_eq!(
+        before,
+        snapshot(outcome.model.classifier.backbone.0.network())
+    );
     // Artifacts.
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3 * 2, "{csv}");
     assert!(csv.starts_with("epoch,phase,loss,accuracy,seconds"));
     let reloaded = TrainConfig::load(out.join("config.json")).unwrap();
     assert_eq!(reloaded.epochs, 3);
-    let _ = outcome.model.head.num_params();
+    let _ = outcome.model.classifier.head.num_params();
 }
 
 #[test]
@@ -89,7 +92,7 @@ fn lesson_mode_updates_running_statistics() {
     let outcome = train(backbone, &data, &s.0.join("out"), &config, &device).unwrap();
     assert_ne!(
         before,
-        snapshot(&outcome.model.backbone.0),
+        snapshot(outcome.model.classifier.backbone.0.network()),
         "batch statistics must move the running statistics"
     );
 }
@@ -142,7 +145,7 @@ fn bad_datasets_are_explained() {
 #[test]
 fn a_head_that_does_not_fit_the_backbone_is_refused() {
     let device = parse_device("flex").unwrap();
-    let backbone = tiny_backbone(&device).model;
+    let backbone = std::sync::Arc::new(avp_model::Backbone::from(tiny_backbone(&device)));
     let head = avp_train::HeadConfig::new().init(512, 2, &device).unwrap();
     let e = avp_train::Classifier::new(backbone, head, BnMode::Frozen).unwrap_err();
     assert!(
@@ -168,10 +171,11 @@ fn model_bpk_reloads_and_predicts_the_same() {
     let outcome = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
     assert!(out.join("curves.png").is_file());
     let loaded = avp_train::load_model(&out.join("model.bpk"), &device).unwrap();
-    assert_eq!(loaded.classes, outcome.classes);
+    assert_eq!(loaded.classes, outcome.model.classes);
     let x = burn::tensor::Tensor::<4>::ones([2, 3, 64, 64], &device);
     let a = outcome
         .model
+        .classifier
         .probabilities(x.clone())
         .into_data()
         .try_to_vec::<f32>()
@@ -206,13 +210,13 @@ fn the_tutorial_augmentation_and_the_center_crop_train_and_are_remembered() {
     let out = s.0.join("out");
     let outcome = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
     assert_eq!(
-        outcome.normalization.eval_crop,
+        outcome.model.normalization.eval_crop,
         Some(avp_model::EvalCrop::torchvision())
     );
     let loaded = avp_train::load_model(&out.join("model.bpk"), &device).unwrap();
     assert_eq!(
         loaded.normalization.eval_crop,
-        outcome.normalization.eval_crop
+        outcome.model.normalization.eval_crop
     );
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();

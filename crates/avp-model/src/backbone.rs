@@ -1,0 +1,363 @@
+//! [`Backbone`]: a pretrained network with everything needed to run it
+//! right, and the one place that decides *how* it runs.
+//!
+//! A [`ResNet`] is a plain Burn module. A `Backbone` owns one, as it was
+//! stored, with its [`Provenance`] (file, format, SHA-256) and the input
+//! [`Normalization`] it expects, and runs its headless forward pass with a
+//! [`BatchNormUse`] (running statistics, batch statistics with PyTorch's
+//! running update, or folded) on a set of [`Kernels`] (Burn's modules, or
+//! the fused CPU path of [`crate::fused`] on flex). The folded network and
+//! the fused packs are built once, on first use, per device, and shared by
+//! every caller: the classifier, the feature cache, `classify`, `speed` and
+//! the benches.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::module::Module;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use crate::batchnorm::{BatchNormUse, batch_norm, fold_batchnorm};
+use crate::device::is_flex;
+use crate::error::ModelError;
+use crate::fused::FusedResNet;
+use crate::normalization::Normalization;
+use crate::resnet::{Block, ResNet, ResNetConfig, global_pool};
+use crate::weights::{LoadedModel, Provenance};
+
+/// Which kernels run a backbone's forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Kernels {
+    /// The fused CPU path on flex when the network's layer shapes allow
+    /// it, Burn's modules otherwise (the default).
+    #[default]
+    Auto,
+    /// Burn's own modules, on every device.
+    Burn,
+    /// The fused CPU path; a backbone that cannot use it (another device,
+    /// an unsupported layer shape) is an error when it is made.
+    Fused,
+}
+
+impl Kernels {
+    /// The names accepted by [`Kernels::from_str`] (and `--kernels`).
+    pub const NAMES: [&'static str; 3] = ["auto", "burn", "fused"];
+}
+
+impl FromStr for Kernels {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "burn" => Ok(Self::Burn),
+            "fused" => Ok(Self::Fused),
+            other => Err(ModelError::Unsupported(format!(
+                "unknown kernels `{other}`: use one of {}",
+                Self::NAMES.join(", ")
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Burn => "burn",
+            Self::Fused => "fused",
+        })
+    }
+}
+
+/// The derived forms of the network on one device, built on first use.
+struct Forms {
+    device: Device,
+    /// The network on this device (the stored one on its own device: the
+    /// same parameters and running statistics).
+    network: ResNet,
+    /// The folded network and its fused pack: a snapshot of the running
+    /// statistics, dropped when a batch-statistics pass moves them.
+    folded: Mutex<Option<Arc<Folded>>>,
+    /// The fused pack of the unfolded network (BatchNorm read at each
+    /// call, so it never goes stale in a frozen backbone).
+    fused_live: OnceLock<Option<FusedResNet>>,
+}
+
+/// A folded network and, when the kernels allow it, its fused pack.
+struct Folded {
+    network: ResNet,
+    fused: Option<FusedResNet>,
+}
+
+/// A pretrained, headless-capable network, where it came from, what input
+/// it expects, and how it runs.
+pub struct Backbone {
+    network: ResNet,
+    config: ResNetConfig,
+    provenance: Provenance,
+    normalization: Normalization,
+    kernels: Kernels,
+    forms: Mutex<Vec<Arc<Forms>>>,
+}
+
+impl fmt::Debug for Backbone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backbone")
+            .field("config", &self.config.describe())
+            .field("weights", &self.provenance.path)
+            .field("kernels", &self.kernels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<LoadedModel> for Backbone {
+    fn from(m: LoadedModel) -> Self {
+        Self::new(m.model, m.config, m.provenance, m.normalization)
+    }
+}
+
+impl Backbone {
+    /// A backbone from its parts; its network stays off the autodiff tape
+    /// (`no_grad`), and runs on [`Kernels::Auto`].
+    pub fn new(
+        network: ResNet,
+        config: ResNetConfig,
+        provenance: Provenance,
+        normalization: Normalization,
+    ) -> Self {
+        Self {
+            network: network.no_grad(),
+            config,
+            provenance,
+            normalization,
+            kernels: Kernels::Auto,
+            forms: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A backbone made in memory (random weights, a test): provenance
+    /// [`Provenance::in_memory`], ImageNet normalization.
+    pub fn in_memory(network: ResNet, config: ResNetConfig) -> Self {
+        let provenance = Provenance::in_memory(config.describe());
+        Self::new(network, config, provenance, Normalization::imagenet())
+    }
+
+    /// The same backbone on other kernels. [`Kernels::Fused`] is refused
+    /// when the network is not on flex or has a layer the fused path does
+    /// not implement.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Result<Self, ModelError> {
+        if kernels == Kernels::Fused {
+            let device = self.device();
+            if !is_flex(&device) {
+                return Err(ModelError::Unsupported(format!(
+                    "--kernels fused runs on the flex device only (this backbone is on {device:?}); \
+                     use --kernels auto or burn"
+                )));
+            }
+            if FusedResNet::new(&self.network, false).is_none() {
+                return Err(ModelError::Unsupported(
+                    "this network has a layer the fused path does not implement (grouped or dilated \
+                     convolutions, `same` padding, a ceil-mode pool); use --kernels auto or burn"
+                        .into(),
+                ));
+            }
+        }
+        self.kernels = kernels;
+        self.forms = Mutex::new(Vec::new());
+        Ok(self)
+    }
+
+    /// The network as stored (with its `fc` layer, if the file had one).
+    pub fn network(&self) -> &ResNet {
+        &self.network
+    }
+
+    /// Its architecture.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// Where its weights came from.
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
+
+    /// The input normalization it expects.
+    pub fn normalization(&self) -> &Normalization {
+        &self.normalization
+    }
+
+    /// The kernels it runs on.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Width of the pooled features.
+    pub fn num_features(&self) -> usize {
+        self.network.num_features()
+    }
+
+    /// The device the stored network is on.
+    pub fn device(&self) -> Device {
+        self.network.conv1.weight.device()
+    }
+
+    /// The same backbone without its `fc` layer (what a new head replaces).
+    pub fn headless(self) -> Self {
+        let network = self.network.with_fc(None);
+        Self {
+            network,
+            config: self.config.with_num_classes(None),
+            forms: Mutex::new(Vec::new()),
+            ..self
+        }
+    }
+
+    /// Which kernels a pass with `bn` on `device` would use: `"fused"` or
+    /// `"burn"` (for reports).
+    pub fn kernels_for(&self, device: &Device, bn: BatchNormUse) -> &'static str {
+        let forms = self.forms(device);
+        let fused = match bn {
+            BatchNormUse::Folded => self.folded(&forms).fused.is_some(),
+            _ => self.fused_live(&forms).is_some(),
+        };
+        if fused { "fused" } else { "burn" }
+    }
+
+    /// Pooled features `[N, F]` of `images`, computed off the autodiff
+    /// tape on the images' device, BatchNorm used as `bn` says. With
+    /// [`BatchNormUse::Batch`] the running statistics of the stored network
+    /// are updated (PyTorch's `model.train()`), and a folded form made
+    /// before is dropped so that the next folded pass sees them.
+    pub fn features(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
+        let images = images.without_autodiff();
+        let forms = self.forms(&images.device());
+        let f = match bn {
+            BatchNormUse::Folded => {
+                let folded = self.folded(&forms);
+                run(&folded.network, folded.fused.as_ref(), images, bn)
+            }
+            _ => run(&forms.network, self.fused_live(&forms), images, bn),
+        };
+        if bn == BatchNormUse::Batch {
+            // The running statistics moved: a folded snapshot is stale.
+            *forms.folded.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        f
+    }
+
+    /// Logits of the stored `fc` layer (ImageNet's, for a full network),
+    /// or the pooled features of a headless one: [`ResNet::forward`] run
+    /// as this backbone runs.
+    pub fn forward(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
+        let features = self.features(images, bn);
+        match &self.network.fc {
+            Some(fc) => fc.clone().to_device(&features.device()).forward(features),
+            None => features,
+        }
+    }
+
+    /// Refuses input sizes at which this network would not compute what its
+    /// source file computes (see [`ResNet::check_input_size`]).
+    pub fn check_input_size(&self, height: usize, width: usize) -> Result<(), ModelError> {
+        self.network.check_input_size(height, width)
+    }
+
+    /// The forms on `device`, made on first use.
+    fn forms(&self, device: &Device) -> Arc<Forms> {
+        let device = device.clone().without_autodiff();
+        let mut all = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = all.iter().find(|f| f.device == device) {
+            return Arc::clone(f);
+        }
+        let network = if device == self.device() {
+            self.network.clone()
+        } else {
+            self.network.clone().to_device(&device)
+        };
+        let forms = Arc::new(Forms {
+            device,
+            network,
+            folded: Mutex::new(None),
+            fused_live: OnceLock::new(),
+        });
+        all.push(Arc::clone(&forms));
+        forms
+    }
+
+    /// Whether the fused path may run on `device`: the one place it is
+    /// chosen.
+    fn fused_allowed(&self, device: &Device) -> bool {
+        self.kernels != Kernels::Burn && is_flex(device)
+    }
+
+    /// The folded form on the forms' device, made on first use (and again
+    /// after a batch-statistics pass).
+    fn folded(&self, forms: &Forms) -> Arc<Folded> {
+        let mut slot = forms.folded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = slot.as_ref() {
+            return Arc::clone(f);
+        }
+        let network = fold_batchnorm(&forms.network);
+        let fused = self
+            .fused_allowed(&forms.device)
+            .then(|| FusedResNet::new(&network, true))
+            .flatten();
+        let folded = Arc::new(Folded { network, fused });
+        *slot = Some(Arc::clone(&folded));
+        folded
+    }
+
+    /// The fused pack of the unfolded network, when allowed.
+    fn fused_live<'a>(&self, forms: &'a Forms) -> Option<&'a FusedResNet> {
+        if !self.fused_allowed(&forms.device) {
+            return None;
+        }
+        forms
+            .fused_live
+            .get_or_init(|| FusedResNet::new(&forms.network, false))
+            .as_ref()
+    }
+}
+
+/// One pass: the fused pack when there is one and the input fits it,
+/// Burn's modules otherwise.
+fn run(
+    net: &ResNet,
+    fused: Option<&FusedResNet>,
+    images: Tensor<4>,
+    bn: BatchNormUse,
+) -> Tensor<2> {
+    if let Some(f) = fused.and_then(|p| p.forward_features(net, images.clone(), bn)) {
+        return f;
+    }
+    global_pool(feature_map(net, images, bn))
+}
+
+/// The feature map before pooling through Burn's modules, BatchNorm used
+/// as `bn` says.
+fn feature_map(net: &ResNet, images: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+    let x = relu(batch_norm(&net.bn1, net.conv1.forward(images), bn));
+    let mut x = net.maxpool.forward(x);
+    for block in net.blocks() {
+        x = block_forward(block, x, bn);
+    }
+    x
+}
+
+/// [`Block::forward`] with a choice of BatchNorm use.
+fn block_forward(block: &Block, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+    let identity = match &block.downsample {
+        Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
+        None => x.clone(),
+    };
+    let mut out = relu(batch_norm(&block.bn1, block.conv1.forward(x), bn));
+    out = batch_norm(&block.bn2, block.conv2.forward(out), bn);
+    if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
+        out = batch_norm(bn3, conv3.forward(relu(out)), bn);
+    }
+    relu(out + identity)
+}
