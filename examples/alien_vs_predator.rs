@@ -10,47 +10,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use avp::data::decode_rgb8;
-use avp::model::parse_device;
-use avp::train::{
-    Augmentation, BnMode, EvalTransform, ExecutionStrategy, OutputPolicy, TrainConfig,
-    train_with_policy,
-};
+use avp::train::{ExecutionStrategy, OutputPolicy, train_with_policy};
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 mod common;
-use common::{DEFAULT_WEIGHTS, load_backbone};
+use common::{BackboneArgs, CacheArgs, TrainArgs};
 
 /// The lesson's photos, committed.
 const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum AugmentArg {
-    /// The lesson's RandomAffine(0, shear=10, scale=(0.8,1.2)) + flip, after the squash.
-    Lesson,
-    /// torchvision's tutorial: RandomResizedCrop(224) + flip.
-    Tutorial,
-    /// No augmentation (the evaluation transform for training too).
-    None,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum EvalArg {
-    /// The weights' own (torchvision's and timm's Resize(256) + CenterCrop(224)), else squash.
-    Auto,
-    /// The lesson's Resize((224, 224)).
-    Squash,
-    /// Resize(256) + CenterCrop(224).
-    CenterCrop,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum BnArg {
-    /// Running statistics (the backbone is a fixed function).
-    Frozen,
-    /// Batch statistics while training, as the PyTorch lesson's model.train().
-    Lesson,
-}
 
 /// Train a classifier head on a frozen ImageNet ResNet, as the PyTorch
 /// transfer-learning lesson does with Alien vs Predator photos.
@@ -61,71 +29,18 @@ struct Args {
     /// one subfolder per class.
     #[arg(long, env = "AVP_DATA", default_value = DEFAULT_DATA)]
     data: PathBuf,
-    /// Backbone weights: .onnx, .pth/.pt, .safetensors or .bpk, or a known
-    /// name to download once into the cache: torchvision-resnet50 (the
-    /// lesson's network: torchvision's IMAGENET1K_V1), torchvision-resnet18,
-    /// -34, -101, -152 (found in torch's own cache when it has them); or
-    /// hf:OWNER/NAME[/FILE] from the Hugging Face hub (e.g.
-    /// hf:timm/resnet50.a1_in1k).
-    #[arg(long, env = "AVP_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
-    /// Preprocessing ONNX that defines the backbone's input normalization
-    /// (default: the committed ResNet18's, when --weights is the default).
-    #[arg(long, env = "AVP_PREP")]
-    prep: Option<PathBuf>,
-    /// Backend: flex, ndarray, wgpu, vulkan, cuda or cuda:N.
-    #[arg(long, default_value = "flex")]
-    device: String,
-    /// Epochs.
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    /// Batch size.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    #[command(flatten)]
+    train: TrainArgs,
     /// Seed of the head's initialisation, the shuffling and the augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output folder for checkpoints, metrics.csv and config.json.
     #[arg(long, default_value = "runs/alien_vs_predator")]
     out: PathBuf,
-    /// BatchNorm behaviour of the frozen backbone while training.
-    #[arg(long, value_enum, default_value = "frozen")]
-    bn_mode: BnArg,
-    /// Training augmentation.
-    #[arg(long, value_enum, default_value = "lesson")]
-    augment: AugmentArg,
-    /// Train without augmentation (the same as --augment none).
-    #[arg(long)]
-    no_augment: bool,
-    /// Validation and prediction transform.
-    #[arg(long, value_enum, default_value = "auto")]
-    eval_transform: EvalArg,
-    /// Run the backbone once per image and train the head on the stored
-    /// features (much faster; with augmentation it needs --cache-views).
-    /// The features are kept on disk and reused by later runs with the same
-    /// images, weights and transform.
-    #[arg(long)]
-    feature_cache: bool,
-    /// With augmentation: precompute K augmented views of every training
-    /// image and sample one per epoch (implies --feature-cache).
-    #[arg(long, value_name = "K")]
-    cache_views: Option<usize>,
-    /// Folder of the feature cache (default: $AVP_CACHE_DIR/features, or
-    /// ~/.cache/avp/features).
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// The largest feature cache (in GB) to compute and hold in memory; a
-    /// larger one is refused before the backbone runs.
-    #[arg(long, default_value_t = 8.0, value_name = "GB")]
-    cache_max_gb: f64,
-    /// Follow links to folders inside the class folders (not followed by
-    /// default, as torchvision's ImageFolder); each folder is read once and
-    /// a link out of its class folder is refused.
-    #[arg(long)]
-    follow_links: bool,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Remove a finished run in --out now, instead of keeping it until the
     /// new run has finished.
     #[arg(long)]
@@ -139,6 +54,8 @@ struct Args {
 fn main() -> Result<()> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
+    common::print_library_messages();
+    let (weights, prep) = (&args.backbone.weights, &args.backbone.prep);
     let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
     if from_env("data") && !args.data.is_dir() {
         bail!(
@@ -149,20 +66,19 @@ fn main() -> Result<()> {
     }
     let known_name = avp::model::download::downloadable()
         .iter()
-        .any(|k| Path::new(&k.name) == args.weights)
-        || args.weights.to_string_lossy().starts_with("hf:");
-    if from_env("weights") && !args.weights.exists() && !known_name {
+        .any(|k| Path::new(&k.name) == weights.as_path())
+        || weights.to_string_lossy().starts_with("hf:");
+    if from_env("weights") && !weights.exists() && !known_name {
         bail!(
             "AVP_WEIGHTS={} does not exist: set AVP_WEIGHTS to a weights file or a known name, or unset it \
              to use the committed ResNet18",
-            args.weights.display()
+            weights.display()
         );
     }
-    if from_env("prep") && args.prep.as_ref().is_some_and(|p| !p.is_file()) {
+    if from_env("prep") && prep.as_ref().is_some_and(|p| !p.is_file()) {
         bail!(
             "AVP_PREP={} does not exist: set AVP_PREP to a preprocessing ONNX file, or unset it",
-            args.prep
-                .as_ref()
+            prep.as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
         );
@@ -180,53 +96,12 @@ fn main() -> Result<()> {
             args.data.display()
         );
     }
-    let no_augment = args.no_augment || matches!(args.augment, AugmentArg::None);
-    let feature_cache = args.feature_cache || args.cache_views.is_some();
-    if feature_cache && !no_augment && args.cache_views.is_none() {
-        bail!(
-            "--feature-cache with augmentation needs --cache-views K (K augmented views per image); \
-             or add --no-augment to cache one plain view per image"
-        );
-    }
-    let device = parse_device(&args.device)?;
-    if let Some(line) = avp::model::device_report(&args.device) {
-        eprintln!("{line}");
-    }
-    if args.lr.is_nan() || !args.lr.is_finite() || args.lr <= 0.0 {
-        bail!(
-            "--lr {} is not a usable learning rate: pass a finite number above 0 (the lesson uses 1e-3)",
-            args.lr
-        );
-    }
-    let backbone = load_backbone(&args.weights, args.prep.as_deref(), &device)?;
-    println!("backbone: {}", backbone.config.describe());
-    println!("input:    {}", backbone.normalization.describe());
-    let config = TrainConfig::new()
-        .with_epochs(args.epochs)
-        .with_batch_size(args.batch_size)
-        .with_lr(args.lr)
-        .with_seed(args.seed)
-        .with_augment(!no_augment)
-        .with_augmentation(match args.augment {
-            AugmentArg::Tutorial => Augmentation::Tutorial,
-            AugmentArg::Lesson | AugmentArg::None => Augmentation::Lesson,
-        })
-        .with_eval_transform(match args.eval_transform {
-            EvalArg::Auto => EvalTransform::Auto,
-            EvalArg::Squash => EvalTransform::Squash,
-            EvalArg::CenterCrop => EvalTransform::CenterCrop,
-        })
-        .with_bn_mode(match args.bn_mode {
-            BnArg::Frozen => BnMode::Frozen,
-            BnArg::Lesson => BnMode::Lesson,
-        })
-        .with_feature_cache(feature_cache)
-        .with_cache_views(args.cache_views.unwrap_or(1))
-        .with_cache_dir(args.cache_dir.clone())
-        .with_cache_max_gb(args.cache_max_gb)
-        .with_follow_links(args.follow_links);
     // Refused here, before the backbone is loaded.
-    config.validate()?;
+    let config = args.train.config(&args.cache, args.seed)?;
+    let device = args.backbone.run.device()?;
+    let backbone = args.backbone.load(&device)?;
+    println!("backbone: {}", backbone.config().describe());
+    println!("input:    {}", backbone.normalization().describe());
     let policy = OutputPolicy {
         overwrite: args.overwrite,
         restart: args.restart,

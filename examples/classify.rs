@@ -12,11 +12,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use avp::data::{Rng, decode_rgb8};
-use avp::model::{DownloadOptions, LoadOptions, load_weights, parse_device, resolve_weights};
+use avp::model::{
+    Backbone, BatchNormUse, DownloadOptions, LoadOptions, load_weights, resolve_weights,
+};
 use avp::train::{EvalTransform, eval_pipeline, load_model};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
+
+mod common;
+use common::RunArgs;
 
 /// The 1000 ImageNet-1k class names, in index order
 /// (`weights/make_imagenet_classes.py` writes them from torchvision).
@@ -38,9 +43,8 @@ struct Args {
     /// networks only; a trained model.bpk carries its own).
     #[arg(long)]
     prep: Option<PathBuf>,
-    /// Backend: flex, ndarray, wgpu, vulkan, cuda or cuda:N.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run: RunArgs,
     /// How many classes to list per image (ImageNet networks).
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -66,10 +70,8 @@ enum EvalArg {
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
-    let device = parse_device(&args.device)?;
-    if let Some(line) = avp::model::device_report(&args.device) {
-        eprintln!("{line}");
-    }
+    common::print_library_messages();
+    let device = args.run.device()?;
     // A training run's folder stands for its model.bpk.
     if args.model.is_dir() {
         let inside = args.model.join("model.bpk");
@@ -86,6 +88,7 @@ fn main() -> Result<()> {
     let (normalization, classes, run): (_, Vec<String>, Box<dyn Fn(Tensor<4>) -> Tensor<2>>) =
         match load_model(&args.model, &device) {
             Ok(trained) => {
+                let trained = trained.with_kernels(args.run.kernels())?;
                 let c = trained.classifier;
                 (
                     trained.normalization,
@@ -123,11 +126,12 @@ fn main() -> Result<()> {
                 } else {
                     (0..n).map(|i| format!("class {i}")).collect()
                 };
-                let model = loaded.model;
+                let normalization = loaded.normalization.clone();
+                let backbone = Backbone::from(loaded).with_kernels(args.run.kernels())?;
                 (
-                    loaded.normalization,
+                    normalization,
                     names,
-                    Box::new(move |x| model.forward(x)),
+                    Box::new(move |x| backbone.forward(x, BatchNormUse::Folded)),
                 )
             }
         };

@@ -12,12 +12,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use avp::model::parse_device;
-use avp::train::{TrainConfig, train};
+use avp::train::train;
 use clap::Parser;
 
 mod common;
-use common::{DEFAULT_WEIGHTS, load_backbone};
+use common::{BackboneArgs, CacheArgs, TrainArgs};
 
 /// Train the lesson's recipe for several seeds and compare the final
 /// validation accuracies with PyTorch's (same recipe, backbone and seeds).
@@ -31,31 +30,15 @@ struct Args {
     /// tests/fixtures/train/pytorch_lesson.py).
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Backbone weights (default: the committed real ResNet18).
-    #[arg(long, env = "AVP_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
-    /// Preprocessing ONNX (default: the committed ResNet18's, with the
-    /// default weights).
-    #[arg(long, env = "AVP_PREP")]
-    prep: Option<PathBuf>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Seeds, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
     seeds: Vec<u64>,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    device: String,
-    /// Epochs per run.
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    /// Train without augmentation.
-    #[arg(long)]
-    no_augment: bool,
-    /// Train on cached backbone features (with --no-augment: one view).
-    #[arg(long)]
-    feature_cache: bool,
-    /// Augmented views per image in the feature cache.
-    #[arg(long, value_name = "K")]
-    cache_views: Option<usize>,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Output folder: one subfolder per seed, and results.json.
     #[arg(long, default_value = "runs/compare_seeds")]
     out: PathBuf,
@@ -97,6 +80,7 @@ struct RefEpoch {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    common::print_library_messages();
     if !args.data.is_dir() {
         bail!(
             "no dataset at {}: pass --data DIR with train/val (or entrenamiento/validacion) splits",
@@ -113,23 +97,18 @@ fn main() -> Result<()> {
         ),
         None => None,
     };
-    let device = parse_device(&args.device)?;
-    if let Some(line) = avp::model::device_report(&args.device) {
-        eprintln!("{line}");
-    }
-    let feature_cache = args.feature_cache || args.cache_views.is_some();
+    // Checked before the first run.
+    args.train.config(&args.cache, 0)?;
+    let device = args.backbone.run.device()?;
+    let feature_cache = args.cache.enabled();
+    let no_augment = !args.train.augmented();
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for &seed in &args.seeds {
         println!("\n=== seed {seed}");
         let t = Instant::now();
-        let backbone = load_backbone(&args.weights, args.prep.as_deref(), &device)?;
-        let config = TrainConfig::new()
-            .with_epochs(args.epochs)
-            .with_seed(seed)
-            .with_augment(!args.no_augment)
-            .with_feature_cache(feature_cache)
-            .with_cache_views(args.cache_views.unwrap_or(1));
+        let backbone = args.backbone.load(&device)?;
+        let config = args.train.config(&args.cache, seed)?;
         let out = args.out.join(format!("seed-{seed}"));
         // A finished run in the folder would be started afresh anyway; an
         // interrupted one with the same settings resumes.
@@ -147,20 +126,20 @@ fn main() -> Result<()> {
             .as_ref()
             .and_then(|r| r.runs.iter().find(|x| x.seed == seed))
     };
-    let mode = match (args.no_augment, feature_cache) {
+    let mode = match (no_augment, feature_cache) {
         (true, true) => "no augmentation, feature cache".to_string(),
         (true, false) => "no augmentation".to_string(),
         (false, true) => format!(
             "augmented, feature cache with {} views",
-            args.cache_views.unwrap_or(1)
+            args.cache.cache_views.unwrap_or(1)
         ),
         (false, false) => "augmented".to_string(),
     };
     println!(
         "\nfinal-epoch validation accuracy, {} ({} epochs, {mode}), {} on {}",
         args.data.display(),
-        args.epochs,
-        args.device,
+        args.train.epochs,
+        args.backbone.run.device,
         std::env::consts::ARCH
     );
     println!("| seed | avp | PyTorch | avp time (s) | PyTorch time (s) |");
@@ -203,7 +182,7 @@ fn main() -> Result<()> {
         println!("\nmean over the seeds, per epoch (PyTorch / avp):");
         println!("| epoch | train loss | train accuracy | validation loss | validation accuracy |");
         println!("|---:|---|---|---|---|");
-        for e in 0..args.epochs {
+        for e in 0..args.train.epochs {
             let ours = |f: fn(&avp::train::EpochMetrics) -> f64| {
                 curves.iter().filter_map(|c| c.get(e)).map(f).sum::<f64>() / n
             };
@@ -231,8 +210,8 @@ fn main() -> Result<()> {
     }
     let results = serde_json::json!({
         "data": args.data,
-        "device": args.device,
-        "epochs": args.epochs,
+        "device": args.backbone.run.device,
+        "epochs": args.train.epochs,
         "mode": mode,
         "runs": rows.iter().map(|(s, a, t)| serde_json::json!({"seed": s, "final_valid_acc": a, "wall_seconds": t})).collect::<Vec<_>>(),
         "mean_final_valid_acc": mean,

@@ -10,10 +10,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use avp::model::{DownloadOptions, LoadOptions, load_weights, npy, parse_device, resolve_weights};
+use avp::model::{DownloadOptions, LoadOptions, load_weights, npy, resolve_weights};
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
+
+mod common;
+use common::RunArgs;
 
 /// Inspect a ResNet weights file (ONNX, .pth, .safetensors or .bpk).
 #[derive(Parser, Debug)]
@@ -30,9 +33,8 @@ struct Args {
     /// and print its outputs (logits, or features for a headless file).
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Backend: flex, ndarray, wgpu, vulkan, cuda or cuda:N.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run: RunArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -44,10 +46,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = parse_device(&args.device)?;
-    if let Some(line) = avp::model::device_report(&args.device) {
-        eprintln!("{line}");
-    }
+    common::print_library_messages();
+    let device = args.run.device()?;
     let options = LoadOptions {
         prep: args.prep.clone(),
         ..Default::default()

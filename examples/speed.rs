@@ -10,27 +10,22 @@
 //! cargo run --example speed -- --weights resnet50.pth --batch-size 1,8,32
 //! ```
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use avp::model::{
-    Backbone, BatchNormUse, DownloadOptions, Kernels, LoadOptions, load_weights, parse_device,
-    resolve_weights,
-};
+use anyhow::Result;
+use avp::model::{Backbone, BatchNormUse, Kernels};
 use burn::tensor::{Distribution, Tensor};
 use clap::Parser;
+
+mod common;
+use common::BackboneArgs;
 
 /// Time a backbone's forward pass (pooled features) on random images.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Weights file (or a known name).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Batch sizes, comma-separated (`--batch` is an alias).
     #[arg(
         long,
@@ -53,19 +48,10 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = parse_device(&args.device)?;
-    if let Some(line) = avp::model::device_report(&args.device) {
-        eprintln!("{line}");
-    }
-    let file = resolve_weights(
-        &args.weights.to_string_lossy(),
-        &device,
-        &DownloadOptions::default(),
-    )?;
-    let net = load_weights(&file, &device, &LoadOptions::default())
-        .with_context(|| format!("loading {}", file.display()))?;
-    let describe = net.config.describe();
-    let auto = Backbone::from(net).headless();
+    common::print_library_messages();
+    let device = args.backbone.run.device()?;
+    let auto = args.backbone.load(&device)?.headless();
+    let describe = auto.config().describe();
     let burn_only = Backbone::new(
         auto.network().clone(),
         auto.config().clone(),
@@ -100,7 +86,7 @@ fn main() -> Result<()> {
         let line = serde_json::json!({
             "mode": "inference",
             "backbone": describe,
-            "device": args.device,
+            "device": args.backbone.run.device,
             "batch": batch,
             "batchnorm": bn_label,
             "kernels": kernels,

@@ -183,9 +183,9 @@ use net::fetch_to;
 
 #[cfg(feature = "download")]
 pub(crate) mod net {
-    use std::io::{IsTerminal, Read, Write};
+    use std::io::{Read, Write};
     use std::path::Path;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use sha2::{Digest, Sha256};
 
@@ -235,7 +235,13 @@ pub(crate) mod net {
         let mut buf = vec![0u8; 1 << 16];
         let mut received = 0u64;
         let name = url.rsplit('/').next().unwrap_or(url).to_string();
-        let mut progress = Progress::new(&name, expected_len, options.progress);
+        let mut progress = options.progress.then(|| {
+            crate::report::Progress::new(
+                format!("downloading {name}"),
+                crate::report::Unit::Bytes,
+                expected_len,
+            )
+        });
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -254,9 +260,13 @@ pub(crate) mod net {
                 source: e,
             })?;
             received += n as u64;
-            progress.update(received);
+            if let Some(p) = &mut progress {
+                p.advance(n as u64);
+            }
         }
-        progress.finish(received);
+        if let Some(p) = progress {
+            p.finish();
+        }
         if let Some(len) = expected_len
             && received != len
         {
@@ -284,69 +294,6 @@ pub(crate) mod net {
             ));
         }
         Ok(())
-    }
-
-    struct Progress {
-        name: String,
-        total: Option<u64>,
-        enabled: bool,
-        terminal: bool,
-        started: Instant,
-        last: Instant,
-    }
-
-    impl Progress {
-        fn new(name: &str, total: Option<u64>, enabled: bool) -> Self {
-            Self {
-                name: name.to_string(),
-                total,
-                enabled,
-                terminal: std::io::stderr().is_terminal(),
-                started: Instant::now(),
-                last: Instant::now(),
-            }
-        }
-
-        fn line(&self, done: u64) -> String {
-            let mb = |b: u64| b as f64 / 1e6;
-            let rate = mb(done) / self.started.elapsed().as_secs_f64().max(1e-9);
-            match self.total {
-                Some(t) => format!(
-                    "downloading {}: {:.1}/{:.1} MB ({:.0}%, {rate:.1} MB/s)",
-                    self.name,
-                    mb(done),
-                    mb(t),
-                    100.0 * done as f64 / t.max(1) as f64
-                ),
-                None => format!(
-                    "downloading {}: {:.1} MB ({rate:.1} MB/s)",
-                    self.name,
-                    mb(done)
-                ),
-            }
-        }
-
-        fn update(&mut self, done: u64) {
-            let every = if self.terminal { 0.2 } else { 5.0 };
-            if self.enabled && self.last.elapsed().as_secs_f64() >= every {
-                self.last = Instant::now();
-                if self.terminal {
-                    eprint!("\r{}", self.line(done));
-                } else {
-                    eprintln!("{}", self.line(done));
-                }
-            }
-        }
-
-        fn finish(&self, done: u64) {
-            if self.enabled {
-                eprintln!(
-                    "{}{}",
-                    if self.terminal { "\r" } else { "" },
-                    self.line(done)
-                );
-            }
-        }
     }
 }
 
@@ -386,11 +333,11 @@ pub fn fetch_known(
             Ok(()) => return Ok(native),
             Err(e) => {
                 if options.progress {
-                    eprintln!(
+                    crate::report::warn(format!(
                         "the converted file {} is damaged ({e}); converting {} again",
                         native.display(),
                         raw.display()
-                    );
+                    ));
                 }
                 std::fs::remove_file(&native).map_err(|source| ModelError::Io {
                     path: native.clone(),
@@ -423,11 +370,11 @@ pub fn fetch_known(
     )?;
     save_native_whole(&loaded, &native)?;
     if options.progress {
-        eprintln!(
+        crate::report::info(format!(
             "converted {} to {} (later runs load this file)",
             raw.display(),
             native.display()
-        );
+        ));
     }
     Ok(native)
 }
@@ -447,20 +394,20 @@ fn in_torch_hub(
         let hex = sha256_file(&candidate)?;
         if checksum.matches(&hex) {
             if options.progress {
-                eprintln!(
+                crate::report::info(format!(
                     "using {} from torch's cache (checksum ok); not downloading",
                     candidate.display()
-                );
+                ));
             }
             return Ok(Some(candidate));
         }
         if options.progress {
-            eprintln!(
+            crate::report::warn(format!(
                 "ignoring {} in torch's cache: its SHA-256 {} is not the expected {}",
                 candidate.display(),
                 &hex[..16.min(hex.len())],
                 checksum.describe()
-            );
+            ));
         }
     }
     Ok(None)

@@ -364,7 +364,7 @@ mod net {
         let mut body = Vec::new();
         if status == 200 {
             if options.progress {
-                eprintln!("fetching {url}");
+                crate::report::info(format!("fetching {url}"));
             }
             response
                 .body_mut()

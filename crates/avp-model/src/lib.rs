@@ -7,8 +7,20 @@
 //! burnpack format for fast reloads. Every loaded model carries its
 //! [`Provenance`] and the input [`Normalization`] it expects.
 //!
+//! Where things are:
+//! - [`ResNet`] (`resnet.rs`) is a plain Burn module: `forward`,
+//!   `forward_features`, Burn's modules on every device.
+//! - [`Backbone`] (`backbone.rs`) is a network with its provenance and
+//!   normalization, and the one place that decides how it runs: a
+//!   [`BatchNormUse`] per pass and a [`Kernels`] choice. It keeps the folded
+//!   network and the fused packs, built once per device on first use.
+//! - BatchNorm is folded in one place, [`fold_batchnorm`] (`batchnorm.rs`).
+//! - [`fused`] is the fused CPU path for flex, in small files.
+//! - [`report`] carries the library's messages (it never prints) and the
+//!   one progress facility.
+//!
 //! ```no_run
-//! use avp_model::{load_weights, parse_device, LoadOptions};
+//! use avp_model::{load_weights, parse_device, Backbone, BatchNormUse, LoadOptions};
 //! # fn main() -> Result<(), avp_model::ModelError> {
 //! let device = parse_device("flex")?;
 //! let loaded = load_weights(
@@ -18,6 +30,10 @@
 //! )?;
 //! println!("{}", loaded.config.describe());
 //! println!("{}", loaded.normalization.describe());
+//! let backbone = Backbone::from(loaded);
+//! let images = burn::tensor::Tensor::<4>::zeros([1, 3, 224, 224], &device);
+//! let features = backbone.features(images, BatchNormUse::Folded); // [1, 512]
+//! # let _ = features;
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
@@ -35,6 +51,7 @@ pub mod hub;
 pub mod normalization;
 pub mod npy;
 pub mod onnx;
+pub mod report;
 pub mod resnet;
 pub mod weights;
 

@@ -50,6 +50,32 @@ impl TrainedModel {
     pub fn backbone_config(&self) -> &ResNetConfig {
         self.classifier.backbone.0.config()
     }
+
+    /// The same model with its backbone on other kernels (see
+    /// [`avp_model::Kernels`]).
+    pub fn with_kernels(self, kernels: avp_model::Kernels) -> Result<Self, TrainError> {
+        let Classifier {
+            head,
+            backbone,
+            bn_mode,
+            ..
+        } = self.classifier;
+        let backbone = match Arc::try_unwrap(backbone.0) {
+            Ok(b) => b,
+            Err(shared) => Backbone::new(
+                shared.network().clone(),
+                shared.config().clone(),
+                shared.provenance().clone(),
+                shared.normalization().clone(),
+            ),
+        };
+        let backbone = Arc::new(backbone.with_kernels(kernels)?);
+        Ok(Self {
+            classifier: Classifier::new(backbone, head, bn_mode)?,
+            classes: self.classes,
+            normalization: self.normalization,
+        })
+    }
 }
 
 const META_BACKBONE: &str = "avp.backbone_config";

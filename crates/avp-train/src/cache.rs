@@ -24,14 +24,14 @@
 //! [`FeatureJob::max_bytes`] before anything is allocated or computed, and
 //! the cache folder is checked to be writable before the backbone runs.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
-use avp_model::{Backbone, BatchNormUse, Normalization, ResNetConfig, sha256_hex};
+use avp_model::{Backbone, BatchNormUse, Normalization, ResNetConfig, report, sha256_hex};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -335,20 +335,20 @@ pub fn features(
     {
         match FeatureTable::from_bytes(&bytes, &key, job.folder.classes.len()) {
             Some(t) if t.len == job.folder.len() => {
-                println!(
+                report::info(format!(
                     "feature cache: {} features read from {} ({} images x {} view{})",
                     job.label,
                     file.display(),
                     t.len,
                     t.views,
                     if t.views == 1 { "" } else { "s" }
-                );
+                ));
                 return Ok((t, CacheOrigin::Disk));
             }
-            _ => println!(
+            _ => report::info(format!(
                 "feature cache: {} is damaged or stale; computing it again",
                 file.display()
-            ),
+            )),
         }
     }
     if let Some(dir) = dir {
@@ -357,11 +357,11 @@ pub fn features(
     let table = compute(backbone, job, device)?;
     if let (Some(dir), Some(file)) = (dir, &file) {
         write_atomic(dir, file, &table.to_bytes(&key))?;
-        println!(
+        report::info(format!(
             "feature cache: {} features stored in {}",
             job.label,
             file.display()
-        );
+        ));
     }
     Ok((table, CacheOrigin::Computed))
 }
@@ -396,7 +396,11 @@ fn compute(
     values.resize((size / 4) as usize, 0f32);
     let targets: Vec<usize> = job.folder.samples.iter().map(|s| s.class).collect();
     let total = job.views * len;
-    let mut progress = ProgressLine::new(job.label, total);
+    let mut progress = report::Progress::new(
+        format!("feature cache: {}", job.label),
+        report::Unit::Images,
+        Some(total as u64),
+    );
     for view in 0..job.views {
         dataset.set_epoch(view as u64);
         let loader = OrderedLoader::new(dataset.clone(), job.batch_size, None, &inner);
@@ -425,7 +429,7 @@ fn compute(
                 let start = (view * len + index) * width;
                 values[start..start + width].copy_from_slice(row);
             }
-            progress.advance(batch.indices.len());
+            progress.advance(batch.indices.len() as u64);
         }
     }
     progress.finish();
@@ -436,60 +440,6 @@ fn compute(
         targets,
         values,
     })
-}
-
-/// Progress of the backbone pass: a rewritten line in a terminal, a line
-/// per quarter otherwise.
-struct ProgressLine {
-    label: String,
-    total: usize,
-    done: usize,
-    started: Instant,
-    terminal: bool,
-    next_quarter: usize,
-}
-
-impl ProgressLine {
-    fn new(label: &str, total: usize) -> Self {
-        Self {
-            label: label.to_string(),
-            total,
-            done: 0,
-            started: Instant::now(),
-            terminal: std::io::stdout().is_terminal(),
-            next_quarter: 1,
-        }
-    }
-
-    fn line(&self) -> String {
-        let s = self.started.elapsed().as_secs_f64();
-        format!(
-            "feature cache: {} {}/{} images through the backbone ({:.1} img/s)",
-            self.label,
-            self.done,
-            self.total,
-            self.done as f64 / s.max(1e-9)
-        )
-    }
-
-    fn advance(&mut self, n: usize) {
-        self.done += n;
-        if self.terminal {
-            print!("\r{}", self.line());
-            let _ = std::io::stdout().flush();
-        } else if self.next_quarter < 4 && self.done * 4 >= self.next_quarter * self.total {
-            println!("{}", self.line());
-            self.next_quarter = self.done * 4 / self.total.max(1) + 1;
-        }
-    }
-
-    fn finish(&self) {
-        if self.terminal {
-            println!("\r{}", self.line());
-        } else {
-            println!("{}", self.line());
-        }
-    }
 }
 
 /// A batch of cached features.

@@ -3,6 +3,16 @@
 //! Frozen-backbone transfer learning through burn-train's `Learner`: a
 //! [`Classifier`] made of a frozen ResNet (kept off the autodiff tape) and
 //! a trainable head, trained on an image folder with the lesson's recipe.
+//!
+//! Where things are: `classifier.rs` (the classifier, the head, and
+//! [`BnMode`]: which `BatchNormUse` each phase asks of the backbone),
+//! `train.rs` (the run: splits, resume, burn-train's `Learner`, the image
+//! and the cached paths), `cache.rs` (feature cache files and loader),
+//! `artifacts.rs` ([`TrainedModel`], `model.bpk`, figures), `output.rs`
+//! (what a run may write and remove). The epoch metrics are computed in
+//! one place, `classifier.rs`'s per-batch totals read by the epoch logger
+//! in `train.rs`. Nothing here prints: messages go through
+//! `avp_model::report`.
 #![warn(missing_docs)]
 
 pub mod artifacts;

@@ -2,6 +2,7 @@
 //! instead of burn-train's debug dump. In a terminal, burn-train's
 //! dashboard is used instead.
 
+use avp_model::report;
 use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
 use burn::train::metric::MetricDefinition;
 use burn::train::renderer::{
@@ -56,14 +57,14 @@ impl TrainingProgressLogger for PlainRenderer {
 
     fn update_split(&mut self, items_processed: usize) {
         while self.next_quarter <= 3 && items_processed * 4 >= self.total * self.next_quarter {
-            println!(
+            report::info(format!(
                 "  epoch {}/{} {} {:>3}% ({items_processed}/{})",
                 self.epoch,
                 self.epochs,
                 self.split,
                 self.next_quarter * 25,
                 self.total
-            );
+            ));
             self.next_quarter += 1;
         }
     }

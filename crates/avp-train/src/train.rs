@@ -29,6 +29,7 @@ use crate::cache::{CacheOrigin, FeatureJob, FeatureLoader};
 use crate::classifier::{BnMode, CachedHead, Classifier, EpochTotals, HeadConfig};
 use crate::error::TrainError;
 use crate::render::PlainRenderer;
+use avp_model::report;
 
 /// The training recipe; the defaults are the lesson's.
 #[derive(Config, Debug)]
@@ -275,7 +276,7 @@ impl TrainingProgressLogger for LessonLogger {
         self.total_epochs = total_epochs;
         self.started = Instant::now();
         if starting_epoch > 1 {
-            println!("resuming at epoch {starting_epoch}/{total_epochs}");
+            report::info(format!("resuming at epoch {starting_epoch}/{total_epochs}"));
         }
     }
 
@@ -296,7 +297,7 @@ impl TrainingProgressLogger for LessonLogger {
             seconds: self.phase_seconds.0 + self.phase_seconds.1,
         };
         if self.print {
-            println!("{}", lesson_lines(&m, self.total_epochs));
+            report::info(lesson_lines(&m, self.total_epochs));
         }
         let _ = append_csv(&self.csv, &m, self.phase_seconds);
         if let Ok(mut e) = self.epochs.lock() {
@@ -329,10 +330,10 @@ impl TrainingProgressLogger for LessonLogger {
             .lock()
             .is_ok_and(|e| e.len() >= self.total_epochs);
         if self.print && finished {
-            println!(
+            report::info(format!(
                 "training done in {:.1} s",
                 self.started.elapsed().as_secs_f64()
-            );
+            ));
         }
     }
 
@@ -468,10 +469,10 @@ pub fn resume_point(
     let (saved, identity) = (read("config.json")?, read("run.json")?);
     if saved != serde_json::to_value(config).ok()? || identity != run_identity(weights_sha256, root)
     {
-        println!(
+        report::info(format!(
             "{} holds an unfinished run with another configuration, backbone or data folder; starting afresh",
             out_dir.display()
-        );
+        ));
         return None;
     }
     let done = read_metrics_csv(&out_dir.join("metrics.csv"));
@@ -501,7 +502,9 @@ fn plan_resume(
         match checkpoint_damage(out_dir, epoch) {
             None => {
                 if let Some(why) = &first_damage {
-                    println!("damaged checkpoint ({why}); resuming from epoch {epoch} instead");
+                    report::warn(format!(
+                        "damaged checkpoint ({why}); resuming from epoch {epoch} instead"
+                    ));
                 }
                 return Ok(Some(epoch));
             }
@@ -656,7 +659,7 @@ where
     if dashboard {
         // The dashboard owned the screen during training: the lesson's lines now.
         for m in &epochs {
-            println!("{}", lesson_lines(m, run.config.epochs));
+            report::info(lesson_lines(m, run.config.epochs));
         }
     }
     if let Some(e) = unfinished(
@@ -759,8 +762,8 @@ pub fn train_with_policy(
         ..OpenOptions::default()
     };
     let (train_folder, valid_folder) = open_splits_with(root, options)?;
-    println!("{train_folder}");
-    println!("{valid_folder}");
+    report::info(&train_folder);
+    report::info(&valid_folder);
     backbone.check_input_size(224, 224)?;
     if config.feature_cache {
         let views = if config.augment {
@@ -782,19 +785,19 @@ pub fn train_with_policy(
     crate::output::remove_scratch(out_dir)?;
     let finished = out_dir.join("model.bpk").exists();
     if finished && policy.overwrite {
-        println!(
+        report::info(format!(
             "--overwrite: removing the finished run in {}",
             out_dir.display()
-        );
+        ));
         crate::output::remove_run(out_dir)?;
     }
     // A finished run stays where it is until this one has finished.
     let staging = out_dir.join(crate::output::STAGING);
     let work = if finished && !policy.overwrite {
-        println!(
+        report::info(format!(
             "{} holds a finished run: it is kept until this run has finished (--overwrite replaces it now)",
             out_dir.display()
-        );
+        ));
         std::fs::create_dir_all(&staging).map_err(|e| write_err(&staging, e))?;
         crate::output::remove_scratch(&staging)?;
         staging.clone()
@@ -810,11 +813,11 @@ pub fn train_with_policy(
     let csv = work.join("metrics.csv");
     let done = match resume {
         Some(epoch) => {
-            println!(
+            report::info(format!(
                 "{} holds an interrupted run: resuming after epoch {epoch}/{}",
                 work.display(),
                 config.epochs
-            );
+            ));
             truncate_metrics(&csv, epoch)?
         }
         None => {

@@ -14,6 +14,10 @@
 //! it, and the epilogue on the tile while it is still in cache. Activation
 //! buffers are reused across layers and calls.
 //!
+//! Files: `conv.rs` (one convolution: im2col, product, epilogue),
+//! `norm.rs` (BatchNorm in the tiles), `pool.rs` (the stem's max pool),
+//! `buffers.rs` (NHWC maps and the buffer pool); this file runs the blocks.
+//!
 //! BatchNorm, three ways:
 //! - folded into the convolutions ([`BatchNormUse::Folded`]):
 //!   conv + bias + shortcut + ReLU is one pass;
