@@ -748,6 +748,82 @@ pub fn train_with_policy(
     config.validate()?;
     let backbone = Arc::new(backbone.into().headless());
     let device = strategy_device(&strategy)?;
+    let (train_folder, valid_folder) = check_inputs(&backbone, root, out_dir, config)?;
+    let classes = train_folder.classes.clone();
+    // Nothing is written into `out_dir` before this lock is held.
+    let _lock = crate::output::OutputLock::acquire(out_dir)?;
+    let (work, resume, done) = prepare_output(&backbone, root, out_dir, config, policy)?;
+    let out_dir_final = out_dir;
+    let out_dir = work.as_path();
+    // The validation transform is stored with the model: predictions
+    // later see images as validation did.
+    let normalization = config.eval_transform.resolve(backbone.normalization());
+    let normalize = data_normalize(&normalization);
+    let eval = eval_pipeline(&normalization);
+    let train_pipeline = match (config.augment, config.augmentation) {
+        (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
+        (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
+        (false, _) => eval.clone(),
+    };
+    let inner = device.clone().without_autodiff();
+    let ad = inner.clone().autodiff();
+    inner.seed(config.seed);
+    ad.seed(config.seed);
+    let head = config
+        .head
+        .init(backbone.num_features(), classes.len(), &ad)?;
+    let job = Job {
+        backbone: &backbone,
+        config,
+        normalization: &normalization,
+        folders: (train_folder, valid_folder),
+        pipelines: (train_pipeline, eval),
+        head,
+        devices: (inner, ad),
+        start_epoch: resume.unwrap_or(0) as u64,
+    };
+    let run = |totals| Run {
+        out_dir,
+        config,
+        strategy,
+        resume,
+        totals,
+        done,
+    };
+    let (model, epochs, cache) = if config.feature_cache {
+        train_cached(job, run)?
+    } else {
+        train_images(job, run)?
+    };
+    let outcome = TrainOutcome {
+        model: TrainedModel {
+            classifier: model,
+            classes,
+            normalization,
+        },
+        epochs,
+        out_dir: out_dir_final.to_path_buf(),
+        resumed_after: resume,
+        cache,
+    };
+    crate::artifacts::save_model(&outcome.model, &out_dir.join("model.bpk"))?;
+    crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
+    if out_dir != out_dir_final {
+        crate::output::swap_in(out_dir, out_dir_final)?;
+    }
+    Ok(outcome)
+}
+
+/// Everything checked before anything is written: the output folder is
+/// not a file, the cache folder is writable, both splits open and make a
+/// classification problem, the input size fits the network, and the
+/// feature table fits in memory. Returns the two splits.
+fn check_inputs(
+    backbone: &Backbone,
+    root: &Path,
+    out_dir: &Path,
+    config: &TrainConfig,
+) -> Result<(ImageFolder, ImageFolder), TrainError> {
     if out_dir.exists() && !out_dir.is_dir() {
         return Err(TrainError::Config(format!(
             "the output folder {} is a file, not a folder: pass --out with a folder (it is created if missing)",
@@ -779,9 +855,22 @@ pub fn train_with_policy(
             (config.cache_max_gb * 1e9) as u64,
         )?;
     }
-    let classes = train_folder.classes.clone();
-    // Nothing is written into `out_dir` before this lock is held.
-    let _lock = crate::output::OutputLock::acquire(out_dir)?;
+    Ok((train_folder, valid_folder))
+}
+
+/// Readies the folder the run writes into (with the lock held): a
+/// finished run is removed (`--overwrite`) or kept while this one trains
+/// in the staging folder; an interrupted run with the same configuration
+/// is resumed (unless `--restart`), else the folder is cleared of avp's
+/// files and `config.json` and `run.json` are written. Returns the folder,
+/// the epoch to resume after, and the epochs already done.
+fn prepare_output(
+    backbone: &Backbone,
+    root: &Path,
+    out_dir: &Path,
+    config: &TrainConfig,
+    policy: OutputPolicy,
+) -> Result<(PathBuf, Option<usize>, Vec<EpochMetrics>), TrainError> {
     crate::output::remove_scratch(out_dir)?;
     let finished = out_dir.join("model.bpk").exists();
     if finished && policy.overwrite {
@@ -831,117 +920,125 @@ pub fn train_with_policy(
             Vec::new()
         }
     };
-    let out_dir_final = out_dir;
-    let out_dir = work.as_path();
-    // The validation transform is stored with the model: predictions
-    // later see images as validation did.
-    let normalization = config.eval_transform.resolve(backbone.normalization());
-    let normalize = data_normalize(&normalization);
-    let eval = eval_pipeline(&normalization);
-    let train_pipeline = match (config.augment, config.augmentation) {
-        (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
-        (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
-        (false, _) => eval.clone(),
-    };
-    let inner = device.clone().without_autodiff();
-    let ad = inner.clone().autodiff();
-    inner.seed(config.seed);
-    ad.seed(config.seed);
-    let features = backbone.num_features();
-    let head = config.head.init(features, classes.len(), &ad)?;
-    let start_epoch = resume.unwrap_or(0) as u64;
-    let run = |totals| Run {
-        out_dir,
+    Ok((work, resume, done))
+}
+
+/// What the two training paths share.
+struct Job<'a> {
+    backbone: &'a Arc<Backbone>,
+    config: &'a TrainConfig,
+    normalization: &'a avp_model::Normalization,
+    /// Training and validation splits.
+    folders: (ImageFolder, ImageFolder),
+    /// Training and validation transforms.
+    pipelines: (Pipeline, Pipeline),
+    head: crate::classifier::Head,
+    /// The inner device and its autodiff twin.
+    devices: (Device, Device),
+    start_epoch: u64,
+}
+
+/// What a training path returns: the classifier, the epochs, where the
+/// features came from.
+type Trained = (Classifier, Vec<EpochMetrics>, Option<CacheOrigin>);
+
+/// The head trained on cached backbone features (computed once, or read
+/// from the cache folder), then joined to the backbone.
+fn train_cached<'a>(
+    job: Job<'_>,
+    run: impl FnOnce(Arc<Mutex<EpochTotals>>) -> Run<'a>,
+) -> Result<Trained, TrainError> {
+    let Job {
+        backbone,
         config,
-        strategy,
-        resume,
-        totals,
-        done,
-    };
-    let (model, epochs, cache) = if config.feature_cache {
-        let dir = feature_dir(config);
-        let max_bytes = (config.cache_max_gb * 1e9) as u64;
-        let views = if config.augment {
-            config.cache_views
-        } else {
-            1
-        };
-        let job = |label, folder, pipeline, views| FeatureJob {
-            label,
-            folder,
-            pipeline,
-            views,
-            seed: config.seed,
-            batch_size: 8,
-            max_bytes,
-        };
-        let (train_table, o1) = crate::cache::features(
-            &backbone,
-            &normalization,
-            &job("train", &train_folder, train_pipeline, views),
-            Some(&dir),
-            &inner,
-        )?;
-        let (valid_table, o2) = crate::cache::features(
-            &backbone,
-            &normalization,
-            &job("validation", &valid_folder, eval.clone(), 1),
-            Some(&dir),
-            &inner,
-        )?;
-        let origin = if o1 == CacheOrigin::Disk && o2 == CacheOrigin::Disk {
-            CacheOrigin::Disk
-        } else {
-            CacheOrigin::Computed
-        };
-        let model = CachedHead::new(head);
-        let totals = Arc::clone(&model.totals);
-        let train_loader =
-            FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
-        train_loader.set_epoch(start_epoch);
-        let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
-        let (trained, epochs) = launch(
-            model,
-            Arc::new(train_loader),
-            Arc::new(valid_loader),
-            run(totals),
-        )?;
-        let model = Classifier::new(Arc::clone(&backbone), trained.head, config.bn_mode)?;
-        (model, epochs, Some(origin))
+        normalization,
+        folders: (train_folder, valid_folder),
+        pipelines: (train_pipeline, eval),
+        head,
+        devices: (inner, ad),
+        start_epoch,
+    } = job;
+    let dir = feature_dir(config);
+    let max_bytes = (config.cache_max_gb * 1e9) as u64;
+    let views = if config.augment {
+        config.cache_views
     } else {
-        let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
-        let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
-        train_ds.set_epoch(start_epoch);
-        let model = Classifier::new(Arc::clone(&backbone), head, config.bn_mode)?;
-        let totals = Arc::clone(&model.totals);
-        let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
-        train_loader.set_epoch(start_epoch);
-        let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
-        let (model, epochs) = launch(
-            model,
-            Arc::new(train_loader),
-            Arc::new(valid_loader),
-            run(totals),
-        )?;
-        (model, epochs, None)
+        1
     };
-    let outcome = TrainOutcome {
-        model: TrainedModel {
-            classifier: model,
-            classes,
-            normalization,
-        },
-        epochs,
-        out_dir: out_dir_final.to_path_buf(),
-        resumed_after: resume,
-        cache,
+    let job = |label, folder, pipeline, views| FeatureJob {
+        label,
+        folder,
+        pipeline,
+        views,
+        seed: config.seed,
+        batch_size: 8,
+        max_bytes,
     };
-    crate::artifacts::save_model(&outcome.model, &out_dir.join("model.bpk"))?;
-    crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
-    if out_dir != out_dir_final {
-        crate::output::swap_in(out_dir, out_dir_final)?;
-    }
-    Ok(outcome)
+    let (train_table, o1) = crate::cache::features(
+        backbone,
+        normalization,
+        &job("train", &train_folder, train_pipeline, views),
+        Some(&dir),
+        &inner,
+    )?;
+    let (valid_table, o2) = crate::cache::features(
+        backbone,
+        normalization,
+        &job("validation", &valid_folder, eval.clone(), 1),
+        Some(&dir),
+        &inner,
+    )?;
+    let origin = if o1 == CacheOrigin::Disk && o2 == CacheOrigin::Disk {
+        CacheOrigin::Disk
+    } else {
+        CacheOrigin::Computed
+    };
+    let model = CachedHead::new(head);
+    let totals = Arc::clone(&model.totals);
+    let train_loader = FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
+    train_loader.set_epoch(start_epoch);
+    let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
+    let (trained, epochs) = launch(
+        model,
+        Arc::new(train_loader),
+        Arc::new(valid_loader),
+        run(totals),
+    )?;
+    let model = Classifier::new(Arc::clone(backbone), trained.head, config.bn_mode)?;
+    Ok((model, epochs, Some(origin)))
+}
+
+/// The classifier trained on images: each batch decoded, transformed and
+/// run through the frozen backbone.
+fn train_images<'a>(
+    job: Job<'_>,
+    run: impl FnOnce(Arc<Mutex<EpochTotals>>) -> Run<'a>,
+) -> Result<Trained, TrainError> {
+    let Job {
+        backbone,
+        config,
+        folders: (train_folder, valid_folder),
+        pipelines: (train_pipeline, eval),
+        head,
+        devices: (inner, ad),
+        start_epoch,
+        ..
+    } = job;
+    let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
+    let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
+    train_ds.set_epoch(start_epoch);
+    let model = Classifier::new(Arc::clone(backbone), head, config.bn_mode)?;
+    let totals = Arc::clone(&model.totals);
+    let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
+    train_loader.set_epoch(start_epoch);
+    let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
+    let (model, epochs) = launch(
+        model,
+        Arc::new(train_loader),
+        Arc::new(valid_loader),
+        run(totals),
+    )?;
+    Ok((model, epochs, None))
 }
 
 /// The feature cache folder of `config`.
