@@ -1,7 +1,7 @@
 //! BatchNorm, in one place: how a pass uses it ([`BatchNormUse`]), the
 //! batch-statistics pass with PyTorch's running update on Burn tensors, and
 //! folding a network's BatchNorm layers into its convolutions
-//! ([`fold_batchnorm`]). The fused CPU path (`crate::fused`) implements the
+//! ([`fold_batchnorm`]). The fused CPU path implements the
 //! same three uses in its own tiles.
 
 use burn::module::Param;

@@ -185,24 +185,11 @@ use net::fetch_to;
 pub(crate) mod net {
     use std::io::{Read, Write};
     use std::path::Path;
-    use std::time::Duration;
 
     use sha2::{Digest, Sha256};
 
     use super::{Checksum, DownloadOptions, download_err};
     use crate::error::ModelError;
-
-    /// The HTTP client of every download (weights and the hub): bounded
-    /// waits, and HTTP error statuses returned rather than raised.
-    pub(crate) fn agent(read_timeout: Duration) -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .timeout_resolve(Some(Duration::from_secs(15)))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_per_read(Some(read_timeout))
-            .http_status_as_error(false)
-            .build()
-            .into()
-    }
 
     pub(super) fn fetch_to(
         url: &str,
@@ -210,7 +197,7 @@ pub(crate) mod net {
         checksum: &Checksum,
         options: &DownloadOptions,
     ) -> Result<(), ModelError> {
-        let mut response = agent(options.read_timeout)
+        let mut response = crate::http::agent(options.read_timeout)
             .get(url)
             .call()
             .map_err(|e| download_err(url, format!("cannot connect: {e}")))?;

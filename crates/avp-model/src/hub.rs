@@ -342,7 +342,7 @@ mod net {
     use super::{HubOptions, Reply};
 
     pub(super) fn get(url: &str, options: &HubOptions) -> Result<Reply, String> {
-        let mut response = crate::download::net::agent(options.read_timeout)
+        let mut response = crate::http::agent(options.read_timeout)
             .get(url)
             .call()
             .map_err(|e| e.to_string())?;

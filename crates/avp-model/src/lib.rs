@@ -47,6 +47,8 @@ pub mod download;
 mod error;
 mod fill;
 pub mod fused;
+#[cfg(feature = "download")]
+mod http;
 pub mod hub;
 pub mod normalization;
 pub mod npy;

@@ -9,7 +9,7 @@
 //! runs (folded, fused) is the backbone's business; which BatchNorm use
 //! each phase asks for is [`BnMode::batchnorm_use`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use avp_data::ImageBatch;
 use avp_model::{Backbone, BatchNormUse};
@@ -141,42 +141,6 @@ impl BnMode {
     }
 }
 
-/// Per-phase running totals, read by the progress logger at the end of
-/// each phase.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PhaseTotals {
-    /// Sum of per-image losses.
-    pub loss_sum: f64,
-    /// Correct predictions.
-    pub correct: usize,
-    /// Images seen.
-    pub seen: usize,
-}
-
-/// Totals for the training and validation phases of the current epoch.
-#[derive(Default)]
-pub struct EpochTotals {
-    /// Training phase.
-    pub train: PhaseTotals,
-    /// Validation phase.
-    pub valid: PhaseTotals,
-    /// The first loss that was not finite (NaN or infinite), with its
-    /// phase: training stops there (see `on_non_finite`).
-    pub non_finite: Option<(&'static str, f64)>,
-    /// Stops burn-train's loop when a loss is not finite.
-    pub on_non_finite: Option<burn::train::Interrupter>,
-}
-
-impl std::fmt::Debug for EpochTotals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EpochTotals")
-            .field("train", &self.train)
-            .field("valid", &self.valid)
-            .field("non_finite", &self.non_finite)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The frozen backbone, shared (not copied) by every clone of the
 /// classifier.
 #[derive(Clone, Debug)]
@@ -193,9 +157,6 @@ pub struct Classifier {
     /// BatchNorm behaviour while training.
     #[module(skip)]
     pub bn_mode: BnMode,
-    /// Running totals of the current epoch.
-    #[module(skip)]
-    pub totals: Arc<Mutex<EpochTotals>>,
 }
 
 impl Classifier {
@@ -212,7 +173,6 @@ impl Classifier {
             head,
             backbone: FrozenBackbone(backbone),
             bn_mode,
-            totals: Arc::new(Mutex::new(EpochTotals::default())),
         })
     }
 
@@ -250,40 +210,17 @@ impl Classifier {
         train: bool,
     ) -> ClassificationOutput {
         let logits = self.head.forward(self.features_in_phase(images, train));
-        classify_logits(&self.totals, logits, targets, train)
+        classify_logits(logits, targets)
     }
 }
 
-/// Cross-entropy and the epoch's running totals for one batch of logits.
-fn classify_logits(
-    totals: &Mutex<EpochTotals>,
-    logits: Tensor<2>,
-    targets: Tensor<1, Int>,
-    train: bool,
-) -> ClassificationOutput {
+/// Cross-entropy for one batch of logits. The epoch's loss and accuracy
+/// are computed from this output by burn-train's metrics
+/// (`crate::metrics`).
+fn classify_logits(logits: Tensor<2>, targets: Tensor<1, Int>) -> ClassificationOutput {
     let loss = CrossEntropyLossConfig::new()
         .init(&logits.device())
         .forward(logits.clone(), targets.clone());
-    let n = targets.dims()[0];
-    let pred = logits.clone().without_autodiff().argmax(1).reshape([n]);
-    let correct = pred
-        .equal(targets.clone().without_autodiff())
-        .int()
-        .sum()
-        .into_scalar::<i64>() as usize;
-    let l = loss.clone().without_autodiff().into_scalar::<f32>() as f64;
-    if let Ok(mut t) = totals.lock() {
-        if !l.is_finite() && t.non_finite.is_none() {
-            t.non_finite = Some((if train { "training" } else { "validation" }, l));
-            if let Some(stop) = &t.on_non_finite {
-                stop.stop(Some("the loss is not finite"));
-            }
-        }
-        let p = if train { &mut t.train } else { &mut t.valid };
-        p.loss_sum += l * n as f64;
-        p.correct += correct;
-        p.seen += n;
-    }
     ClassificationOutput::new(loss, logits, targets)
 }
 
@@ -313,18 +250,12 @@ impl InferenceStep for Classifier {
 pub struct CachedHead {
     /// The trainable head.
     pub head: Head,
-    /// Running totals of the current epoch.
-    #[module(skip)]
-    pub totals: Arc<Mutex<EpochTotals>>,
 }
 
 impl CachedHead {
     /// Wraps a head.
     pub fn new(head: Head) -> Self {
-        Self {
-            head,
-            totals: Arc::new(Mutex::new(EpochTotals::default())),
-        }
+        Self { head }
     }
 }
 
@@ -333,12 +264,7 @@ impl TrainStep for CachedHead {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: FeatureBatch) -> TrainOutput<ClassificationOutput> {
-        let out = classify_logits(
-            &self.totals,
-            self.head.forward(batch.features),
-            batch.targets,
-            true,
-        );
+        let out = classify_logits(self.head.forward(batch.features), batch.targets);
         TrainOutput::new(self, out.loss.backward(), out)
     }
 }
@@ -348,11 +274,6 @@ impl InferenceStep for CachedHead {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: FeatureBatch) -> ClassificationOutput {
-        classify_logits(
-            &self.totals,
-            self.head.forward(batch.features),
-            batch.targets,
-            false,
-        )
+        classify_logits(self.head.forward(batch.features), batch.targets)
     }
 }

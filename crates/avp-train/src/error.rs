@@ -39,3 +39,11 @@ pub enum TrainError {
         why: String,
     },
 }
+
+/// A file or folder that could not be written, and why.
+pub(crate) fn write_err(path: &std::path::Path, why: impl std::fmt::Display) -> TrainError {
+    TrainError::Write {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}

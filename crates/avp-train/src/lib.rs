@@ -8,11 +8,12 @@
 //! [`BnMode`]: which `BatchNormUse` each phase asks of the backbone),
 //! `train.rs` (the run: splits, resume, burn-train's `Learner`, the image
 //! and the cached paths), `cache.rs` (feature cache files and loader),
-//! `artifacts.rs` ([`TrainedModel`], `model.bpk`, figures), `output.rs`
+//! `artifacts.rs` ([`TrainedModel`], `model.bpk`, predictions), `metrics.rs`
+//! (epoch metrics, `metrics.csv`), `plot.rs` (the figures), `output.rs`
 //! (what a run may write and remove). The epoch metrics are computed in
-//! one place, `classifier.rs`'s per-batch totals read by the epoch logger
-//! in `train.rs`. Nothing here prints: messages go through
-//! `avp_model::report`.
+//! one place, `metrics.rs`, by burn-train's metric machinery, and read by
+//! the epoch logger in `train.rs`. Nothing here prints: messages go
+//! through `avp_model::report`.
 #![warn(missing_docs)]
 
 pub mod artifacts;
@@ -20,20 +21,21 @@ pub mod bridge;
 pub mod cache;
 pub mod classifier;
 mod error;
+pub mod metrics;
 pub mod output;
+pub mod plot;
 pub mod render;
 pub mod train;
 
-pub use artifacts::{
-    Prediction, TrainedModel, load_model, plot_curves, plot_predictions, predict_paths, save_model,
-};
+pub use artifacts::{Prediction, TrainedModel, load_model, predict_paths, save_model};
 pub use bridge::{data_normalize, eval_pipeline};
 pub use burn::train::ExecutionStrategy;
 pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
 pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
+pub use metrics::{EpochMetrics, lesson_lines, read_metrics_csv};
+pub use plot::{plot_curves, plot_predictions};
 pub use train::{
-    Augmentation, EpochMetrics, EvalTransform, OutputPolicy, TrainConfig, TrainOutcome,
-    lesson_lines, open_splits, open_splits_with, read_metrics_csv, resume_point, train, train_with,
-    train_with_policy,
+    Augmentation, EvalTransform, OutputPolicy, TrainConfig, TrainOutcome, open_splits,
+    open_splits_with, resume_point, train, train_with, train_with_policy,
 };

@@ -3,8 +3,7 @@
 //! and accuracy for both phases, printed as the lesson prints them and
 //! written to `metrics.csv`.
 
-use std::fs::OpenOptions as FileOptions;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,18 +15,20 @@ use burn::data::dataloader::DataLoader;
 use burn::optim::AdamConfig;
 use burn::tensor::Device;
 use burn::train::logger::TrainingProgressLogger;
-use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
-    ExecutionStrategy, InferenceStep, Learner, LearnerModel, MetricRegistration,
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, LearnerModel,
     SupervisedTraining, TrainStep, TrainingStrategy,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::artifacts::TrainedModel;
 use crate::bridge::{data_normalize, eval_pipeline};
 use crate::cache::{CacheOrigin, FeatureJob, FeatureLoader};
-use crate::classifier::{BnMode, CachedHead, Classifier, EpochTotals, HeadConfig};
-use crate::error::TrainError;
+use crate::classifier::{BnMode, CachedHead, Classifier, HeadConfig};
+use crate::error::{TrainError, write_err};
+use crate::metrics::{
+    EpochMetrics, EpochRecord, LessonMetric, Phase, append_csv, lesson_lines, read_metrics_csv,
+    truncate_metrics,
+};
 use crate::render::PlainRenderer;
 use avp_model::report;
 
@@ -175,23 +176,6 @@ impl TrainConfig {
     }
 }
 
-/// Loss and accuracy of one epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// Epoch, from 1.
-    pub epoch: usize,
-    /// Mean training loss.
-    pub train_loss: f64,
-    /// Training accuracy.
-    pub train_acc: f64,
-    /// Mean validation loss.
-    pub valid_loss: f64,
-    /// Validation accuracy.
-    pub valid_acc: f64,
-    /// Wall time of the epoch (both phases).
-    pub seconds: f64,
-}
-
 /// What a training run produced.
 #[derive(Debug)]
 pub struct TrainOutcome {
@@ -240,7 +224,7 @@ pub fn open_splits_with(
 /// terminal) and appends them to `metrics.csv`.
 struct LessonLogger {
     print: bool,
-    totals: Arc<Mutex<EpochTotals>>,
+    record: Arc<Mutex<EpochRecord>>,
     epochs: Arc<Mutex<Vec<EpochMetrics>>>,
     total_epochs: usize,
     csv: PathBuf,
@@ -248,21 +232,6 @@ struct LessonLogger {
     split: String,
     phase_started: Instant,
     phase_seconds: (f64, f64),
-}
-
-/// The lesson's per-epoch block:
-///
-/// ```text
-/// Epoch 1/5
-/// ----------
-/// train loss: 0.4493, acc: 0.7550
-/// validation loss: 0.3204, acc: 0.8450  (61.2 s)
-/// ```
-pub fn lesson_lines(m: &EpochMetrics, total_epochs: usize) -> String {
-    format!(
-        "Epoch {}/{total_epochs}\n----------\ntrain loss: {:.4}, acc: {:.4}\nvalidation loss: {:.4}, acc: {:.4}  ({:.1} s)",
-        m.epoch, m.train_loss, m.train_acc, m.valid_loss, m.valid_acc, m.seconds
-    )
 }
 
 impl TrainingProgressLogger for LessonLogger {
@@ -281,19 +250,18 @@ impl TrainingProgressLogger for LessonLogger {
     }
 
     fn update_epoch(&mut self, epoch: usize) {
-        let Ok(mut t) = self.totals.lock() else {
+        // The phases' totals, as burn-train's metrics computed them.
+        let Ok(mut r) = self.record.lock() else {
             return;
         };
-        let (tr, va) = (t.train, t.valid);
-        t.train = Default::default();
-        t.valid = Default::default();
-        drop(t);
+        let [tr, va] = std::mem::take(&mut r.phases);
+        drop(r);
         let m = EpochMetrics {
             epoch,
-            train_loss: tr.loss_sum / tr.seen.max(1) as f64,
-            train_acc: tr.correct as f64 / tr.seen.max(1) as f64,
-            valid_loss: va.loss_sum / va.seen.max(1) as f64,
-            valid_acc: va.correct as f64 / va.seen.max(1) as f64,
+            train_loss: tr.loss(),
+            train_acc: tr.accuracy(),
+            valid_loss: va.loss(),
+            valid_acc: va.accuracy(),
             seconds: self.phase_seconds.0 + self.phase_seconds.1,
         };
         if self.print {
@@ -339,74 +307,6 @@ impl TrainingProgressLogger for LessonLogger {
 
     // burn-train reports every iteration here; the renderer shows progress.
     fn log_event_training(&mut self, _event: String) {}
-}
-
-fn append_csv(path: &Path, m: &EpochMetrics, (ts, vs): (f64, f64)) -> std::io::Result<()> {
-    let new = !path.exists();
-    let mut f = FileOptions::new().create(true).append(true).open(path)?;
-    if new {
-        writeln!(f, "epoch,phase,loss,accuracy,seconds")?;
-    }
-    writeln!(
-        f,
-        "{},train,{:.6},{:.6},{:.3}",
-        m.epoch, m.train_loss, m.train_acc, ts
-    )?;
-    writeln!(
-        f,
-        "{},validation,{:.6},{:.6},{:.3}",
-        m.epoch, m.valid_loss, m.valid_acc, vs
-    )?;
-    Ok(())
-}
-
-fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Write {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    }
-}
-
-/// Reads the epochs of `metrics.csv` (both phases of each).
-pub fn read_metrics_csv(path: &Path) -> Vec<EpochMetrics> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let mut out: Vec<EpochMetrics> = Vec::new();
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        let [epoch, phase, loss, acc, secs] = f[..] else {
-            continue;
-        };
-        let (Ok(epoch), Ok(loss), Ok(acc), Ok(secs)) = (
-            epoch.parse::<usize>(),
-            loss.parse::<f64>(),
-            acc.parse::<f64>(),
-            secs.parse::<f64>(),
-        ) else {
-            continue;
-        };
-        if out.last().map(|m| m.epoch) != Some(epoch) {
-            out.push(EpochMetrics {
-                epoch,
-                train_loss: f64::NAN,
-                train_acc: f64::NAN,
-                valid_loss: f64::NAN,
-                valid_acc: f64::NAN,
-                seconds: 0.0,
-            });
-        }
-        if let Some(m) = out.last_mut() {
-            if phase == "train" {
-                (m.train_loss, m.train_acc) = (loss, acc);
-            } else {
-                (m.valid_loss, m.valid_acc) = (loss, acc);
-            }
-            m.seconds += secs;
-        }
-    }
-    out.retain(|m| !m.train_loss.is_nan() && !m.valid_loss.is_nan());
-    out
 }
 
 fn checkpoint_complete(out_dir: &Path, epoch: usize) -> bool {
@@ -521,32 +421,12 @@ fn plan_resume(
     )))
 }
 
-/// Keeps the rows of `metrics.csv` up to `epoch`.
-fn truncate_metrics(path: &Path, epoch: usize) -> Result<Vec<EpochMetrics>, TrainError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let kept: Vec<&str> = text
-        .lines()
-        .enumerate()
-        .filter(|(i, l)| {
-            *i == 0
-                || l.split(',')
-                    .next()
-                    .and_then(|e| e.parse::<usize>().ok())
-                    .is_some_and(|e| e <= epoch)
-        })
-        .map(|(_, l)| l)
-        .collect();
-    std::fs::write(path, kept.join("\n") + "\n").map_err(|e| write_err(path, e))?;
-    Ok(read_metrics_csv(path))
-}
-
 /// Everything [`launch`] needs besides the model and its loaders.
 struct Run<'a> {
     out_dir: &'a Path,
     config: &'a TrainConfig,
     strategy: ExecutionStrategy,
     resume: Option<usize>,
-    totals: Arc<Mutex<EpochTotals>>,
     done: Vec<EpochMetrics>,
 }
 
@@ -556,12 +436,12 @@ struct Run<'a> {
 fn unfinished(
     error: Option<Arc<burn::train::TrainingError>>,
     interrupted: Option<burn::train::Interruption>,
-    totals: &Mutex<EpochTotals>,
+    record: &Mutex<EpochRecord>,
     epochs: &[EpochMetrics],
     config: &TrainConfig,
     out_dir: &Path,
 ) -> Option<TrainError> {
-    let non_finite = totals.lock().ok().and_then(|t| t.non_finite);
+    let non_finite = record.lock().ok().and_then(|r| r.non_finite);
     if let Some((phase, loss)) = non_finite {
         return Some(TrainError::Diverged(format!(
             "the {phase} loss became {loss} in epoch {} of {}: training stopped and no model was written. \
@@ -602,19 +482,20 @@ fn launch<M>(
     run: Run<'_>,
 ) -> Result<(M, Vec<EpochMetrics>), TrainError>
 where
-    M: LearnerModel,
-    (AccuracyMetric, LossMetric): MetricRegistration<M>,
+    M: LearnerModel
+        + TrainStep<Output = ClassificationOutput>
+        + InferenceStep<Output = ClassificationOutput>,
 {
     let interrupter = burn::train::Interrupter::new();
-    if let Ok(mut t) = run.totals.lock() {
-        t.on_non_finite = Some(interrupter.clone());
-    }
-    let totals = Arc::clone(&run.totals);
+    let record = Arc::new(Mutex::new(EpochRecord::default()));
+    let metric = |accuracy, phase| {
+        LessonMetric::new(accuracy, phase, Arc::clone(&record), interrupter.clone())
+    };
     let epochs = Arc::new(Mutex::new(run.done));
     let dashboard = std::io::stdout().is_terminal();
     let logger = LessonLogger {
         print: !dashboard,
-        totals: run.totals,
+        record: Arc::clone(&record),
         epochs: Arc::clone(&epochs),
         total_epochs: run.config.epochs,
         csv: run.out_dir.join("metrics.csv"),
@@ -627,7 +508,10 @@ where
     let adam = AdamConfig::new().with_epsilon(1e-8);
     let learner = Learner::new(model, adam.init(), run.config.lr);
     let mut training = SupervisedTraining::new(run.out_dir, train_loader, valid_loader)
-        .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .metric_train_numeric(metric(true, Phase::Train))
+        .metric_train_numeric(metric(false, Phase::Train))
+        .metric_valid_numeric(metric(true, Phase::Valid))
+        .metric_valid_numeric(metric(false, Phase::Valid))
         .num_epochs(run.config.epochs)
         .with_default_checkpointers()
         .with_training_strategy(TrainingStrategy::Default(run.strategy))
@@ -665,7 +549,7 @@ where
     if let Some(e) = unfinished(
         result.error,
         result.interrupted,
-        &totals,
+        &record,
         &epochs,
         run.config,
         run.out_dir,
@@ -782,12 +666,11 @@ pub fn train_with_policy(
         devices: (inner, ad),
         start_epoch: resume.unwrap_or(0) as u64,
     };
-    let run = |totals| Run {
+    let run = Run {
         out_dir,
         config,
         strategy,
         resume,
-        totals,
         done,
     };
     let (model, epochs, cache) = if config.feature_cache {
@@ -807,7 +690,7 @@ pub fn train_with_policy(
         cache,
     };
     crate::artifacts::save_model(&outcome.model, &out_dir.join("model.bpk"))?;
-    crate::artifacts::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
+    crate::plot::plot_curves(&outcome.epochs, &out_dir.join("curves.png"))?;
     if out_dir != out_dir_final {
         crate::output::swap_in(out_dir, out_dir_final)?;
     }
@@ -944,10 +827,7 @@ type Trained = (Classifier, Vec<EpochMetrics>, Option<CacheOrigin>);
 
 /// The head trained on cached backbone features (computed once, or read
 /// from the cache folder), then joined to the backbone.
-fn train_cached<'a>(
-    job: Job<'_>,
-    run: impl FnOnce(Arc<Mutex<EpochTotals>>) -> Run<'a>,
-) -> Result<Trained, TrainError> {
+fn train_cached(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     let Job {
         backbone,
         config,
@@ -994,26 +874,17 @@ fn train_cached<'a>(
         CacheOrigin::Computed
     };
     let model = CachedHead::new(head);
-    let totals = Arc::clone(&model.totals);
     let train_loader = FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
     train_loader.set_epoch(start_epoch);
     let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
-    let (trained, epochs) = launch(
-        model,
-        Arc::new(train_loader),
-        Arc::new(valid_loader),
-        run(totals),
-    )?;
+    let (trained, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run)?;
     let model = Classifier::new(Arc::clone(backbone), trained.head, config.bn_mode)?;
     Ok((model, epochs, Some(origin)))
 }
 
 /// The classifier trained on images: each batch decoded, transformed and
 /// run through the frozen backbone.
-fn train_images<'a>(
-    job: Job<'_>,
-    run: impl FnOnce(Arc<Mutex<EpochTotals>>) -> Run<'a>,
-) -> Result<Trained, TrainError> {
+fn train_images(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     let Job {
         backbone,
         config,
@@ -1028,16 +899,10 @@ fn train_images<'a>(
     let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
     train_ds.set_epoch(start_epoch);
     let model = Classifier::new(Arc::clone(backbone), head, config.bn_mode)?;
-    let totals = Arc::clone(&model.totals);
     let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
     train_loader.set_epoch(start_epoch);
     let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
-    let (model, epochs) = launch(
-        model,
-        Arc::new(train_loader),
-        Arc::new(valid_loader),
-        run(totals),
-    )?;
+    let (model, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run)?;
     Ok((model, epochs, None))
 }
 

@@ -246,3 +246,26 @@ fn the_tutorial_augmentation_and_the_center_crop_train_and_are_remembered() {
     let squash = avp_train::eval_pipeline(&loaded.normalization.clone().with_eval_crop(None));
     assert_ne!(squash, eval);
 }
+
+/// A loss that stops being finite stops the run (burn-train's interrupter,
+/// fired by the epoch metric) with an error that says what to do, and no
+/// model is written.
+#[test]
+fn a_diverging_loss_stops_the_run_without_a_model() {
+    let _serial = serial();
+    let s = scratch("diverge");
+    let data = s.0.join("data");
+    make_dataset(&data, (8, 4));
+    let device = parse_device("flex").unwrap();
+    let config = TrainConfig::new()
+        .with_epochs(3)
+        .with_batch_size(4)
+        .with_lr(1e30)
+        .with_augment(false);
+    let out = s.0.join("out");
+    let e = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap_err();
+    assert!(matches!(e, avp_train::TrainError::Diverged(_)), "{e}");
+    assert!(e.to_string().contains("loss became"), "{e}");
+    assert!(e.to_string().contains("Lower the learning rate"), "{e}");
+    assert!(!out.join("model.bpk").exists());
+}
