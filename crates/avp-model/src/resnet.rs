@@ -295,6 +295,65 @@ impl ResNetConfig {
     }
 }
 
+/// Where a convolution and the BatchNorm after it sit in a [`ResNet`]:
+/// the one place the module paths (torchvision's names, `layer2.0.conv1`,
+/// `layer2.0.downsample.bn`) are spelled, for every importer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvSite {
+    /// `conv1` / `bn1`.
+    Stem,
+    /// Convolution `conv` (from 0) of block `block` of stage `stage` (both
+    /// from 0): `layer{stage+1}.{block}.conv{conv+1}`.
+    Main {
+        /// Stage, from 0.
+        stage: usize,
+        /// Block within the stage, from 0.
+        block: usize,
+        /// Convolution within the block, from 0.
+        conv: usize,
+    },
+    /// The projection shortcut of a block: `layer{stage+1}.{block}.downsample`.
+    Downsample {
+        /// Stage, from 0.
+        stage: usize,
+        /// Block within the stage, from 0.
+        block: usize,
+    },
+}
+
+impl ConvSite {
+    /// Module path of stage `stage` (from 0): `layer1` … `layer4`.
+    pub fn stage(stage: usize) -> String {
+        format!("layer{}", stage + 1)
+    }
+
+    /// Module path of the convolution.
+    pub fn conv(&self) -> String {
+        match *self {
+            ConvSite::Stem => "conv1".into(),
+            ConvSite::Main { stage, block, conv } => {
+                format!("{}.{block}.conv{}", Self::stage(stage), conv + 1)
+            }
+            ConvSite::Downsample { stage, block } => {
+                format!("{}.{block}.downsample.conv", Self::stage(stage))
+            }
+        }
+    }
+
+    /// Module path of the BatchNorm after it.
+    pub fn bn(&self) -> String {
+        match *self {
+            ConvSite::Stem => "bn1".into(),
+            ConvSite::Main { stage, block, conv } => {
+                format!("{}.{block}.bn{}", Self::stage(stage), conv + 1)
+            }
+            ConvSite::Downsample { stage, block } => {
+                format!("{}.{block}.downsample.bn", Self::stage(stage))
+            }
+        }
+    }
+}
+
 /// The projection shortcut of a block whose shape changes (torchvision's
 /// `downsample.0` / `downsample.1`).
 #[derive(Module, Debug)]

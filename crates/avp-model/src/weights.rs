@@ -15,7 +15,7 @@ use crate::error::ModelError;
 use crate::fill::fill;
 use crate::normalization::{Normalization, NormalizationSource};
 use crate::onnx;
-use crate::resnet::{BlockKind, ResNet, ResNetConfig};
+use crate::resnet::{BlockKind, ConvSite, ResNet, ResNetConfig};
 
 /// The file formats [`load_weights`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,18 +309,27 @@ pub fn config_from_state_dict(
     let mut layers = [0usize; 4];
     let mut widths = [0usize; 4];
     for s in 0..4 {
-        let prefix = format!("layer{}.", s + 1);
+        let prefix = format!("{}.", ConvSite::stage(s));
         let max_block = shapes
             .keys()
             .filter_map(|k| k.strip_prefix(&prefix))
             .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
             .max();
         let Some(max_block) = max_block else {
-            return Err(store_err(path, format!("no blocks in layer{}", s + 1)));
+            return Err(store_err(
+                path,
+                format!("no blocks in {}", ConvSite::stage(s)),
+            ));
         };
         layers[s] = max_block + 1;
-        let w = shape(&format!("layer{}.0.conv1.weight", s + 1))
-            .ok_or_else(|| store_err(path, format!("missing layer{}.0.conv1.weight", s + 1)))?;
+        let first = ConvSite::Main {
+            stage: s,
+            block: 0,
+            conv: 0,
+        }
+        .conv();
+        let w = shape(&format!("{first}.weight"))
+            .ok_or_else(|| store_err(path, format!("missing {first}.weight")))?;
         widths[s] = w[0];
     }
     let num_classes = shape("fc.weight").map(|s| s[0]);

@@ -18,7 +18,7 @@ use super::OnnxInfo;
 use super::graph::{Graph, attr_float, attr_int, attr_ints};
 use super::proto::ModelProto;
 use crate::error::ModelError;
-use crate::resnet::{BlockKind, PaddingStyle, ResNetConfig, StridePlacement};
+use crate::resnet::{BlockKind, ConvSite, PaddingStyle, ResNetConfig, StridePlacement};
 
 /// Tensors keyed by their Burn module path (`layer1.0.bn1.gamma`), with
 /// the source tensor's name for messages.
@@ -411,7 +411,10 @@ fn info(model: &ModelProto) -> OnnxInfo {
     }
 }
 
-/// Recognises the ResNet in `model` and extracts its weights.
+/// Recognises the ResNet in `model` and extracts its weights, in three
+/// phases: [`match_graph`] (structure only), [`infer_config`] (the
+/// architecture and every structural check), [`extract_weights`] (values
+/// by Burn module path).
 pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, ModelError> {
     let info = info(model);
     let graph = model.graph.as_ref().ok_or_else(|| ModelError::NotOnnx {
@@ -421,6 +424,40 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
     let w = Walker {
         g: Graph::new(path, graph),
     };
+    let found = match_graph(&w, &info)?;
+    let config = infer_config(&w, &found)?;
+    let (weights, folded_batchnorm, stored_values) = extract_weights(path, &w, &found, &config)?;
+    Ok(ImportedResNet {
+        config,
+        weights,
+        info,
+        folded_batchnorm,
+        stored_values,
+    })
+}
+
+/// The classifier at the end of a graph: `Gemm` (or `MatMul` + `Add`).
+struct FcRef {
+    weight: String,
+    /// `transB`: the weight is stored `[out, in]`.
+    transposed: bool,
+    bias: Option<String>,
+    alpha: f32,
+    beta: f32,
+}
+
+/// A ResNet recognised in a graph: where each part is, no value read yet.
+struct ResNetGraph {
+    stem: ConvUnit,
+    pool_pads: [usize; 4],
+    blocks: Vec<BlockMatch>,
+    final_pool_window: Option<usize>,
+    fc: Option<FcRef>,
+}
+
+/// Phase 1: walks the graph from its input and names every part of the
+/// ResNet it finds (stem, pool, blocks, final pool, classifier).
+fn match_graph(w: &Walker<'_>, info: &OnnxInfo) -> Result<ResNetGraph, ModelError> {
     if info.input_name.is_empty() {
         return Err(w.err("the graph has no input"));
     }
@@ -432,9 +469,23 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
             info.input_name
         )));
     }
+    let (stem, pool_pads, x) = match_stem(w, &info.input_name)?;
+    let (blocks, x) = match_blocks(w, x)?;
+    let (final_pool_window, x) = match_final_pool(w, &x)?;
+    let fc = match_head(w, x)?;
+    Ok(ResNetGraph {
+        stem,
+        pool_pads,
+        blocks,
+        final_pool_window,
+        fc,
+    })
+}
 
-    // Stem.
-    let x = w.skip_transparent(info.input_name.clone());
+/// Stem convolution, `Relu`, 3x3 stride-2 `MaxPool`; returns the stem, the
+/// pool's pads and the pool's output.
+fn match_stem(w: &Walker<'_>, input: &str) -> Result<(ConvUnit, [usize; 4], String), ModelError> {
+    let x = w.skip_transparent(input.to_string());
     let conv = w.only_consumer(&x, &["Conv"], "at the graph input")?;
     let stem = w.conv_unit(conv)?;
     let relu = w.only_consumer(&stem.out, &["Relu"], "after the stem convolution")?;
@@ -458,9 +509,12 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
         return Err(w.err(format!("the stem {} uses ceil_mode", w.g.describe(pool))));
     }
     let pool_pads = w.pads(pool)?;
-    let mut x = w.skip_transparent(w.output_of(pool)?);
+    let x = w.skip_transparent(w.output_of(pool)?);
+    Ok((stem, pool_pads, x))
+}
 
-    // Residual blocks.
+/// Residual blocks for as long as a convolution reads the current value.
+fn match_blocks(w: &Walker<'_>, mut x: String) -> Result<(Vec<BlockMatch>, String), ModelError> {
     let mut blocks = Vec::new();
     while w
         .g
@@ -478,10 +532,14 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
     if blocks.is_empty() {
         return Err(w.err(format!("no residual block after the stem (at `{x}`)")));
     }
+    Ok((blocks, x))
+}
 
-    // Final pool.
+/// The global average: `GlobalAveragePool`, `ReduceMean` over H and W, or
+/// a fixed-window `AveragePool` (its window returned).
+fn match_final_pool(w: &Walker<'_>, x: &str) -> Result<(Option<usize>, String), ModelError> {
     let pool = w.only_consumer(
-        &x,
+        x,
         &["GlobalAveragePool", "AveragePool", "ReduceMean"],
         "after the last block",
     )?;
@@ -495,26 +553,7 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
             Some(k)
         }
         "ReduceMean" => {
-            let axes = attr_ints(pn, "axes").or_else(|| {
-                pn.input
-                    .get(1)
-                    .and_then(|a| w.g.constant(a))
-                    .map(|t| t.int64_data.clone())
-                    .filter(|v| !v.is_empty())
-                    .or_else(|| {
-                        pn.input.get(1).and_then(|a| w.g.constant(a)).map(|t| {
-                            t.raw_data
-                                .chunks_exact(8)
-                                .map(|c| {
-                                    i64::from_le_bytes([
-                                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                                    ])
-                                })
-                                .collect()
-                        })
-                    })
-            });
-            let mut axes = axes.unwrap_or_default();
+            let mut axes = reduce_axes(w, pool);
             axes.sort_unstable();
             if axes != [2, 3] && axes != [-2, -1] {
                 return Err(w.err(format!(
@@ -526,10 +565,33 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
         }
         _ => None,
     };
-    let mut x = w.output_of(pool)?;
+    Ok((final_pool_window, w.output_of(pool)?))
+}
 
-    // Shape-only nodes, then an optional classifier.
-    let mut fc: Option<(String, bool, Option<String>, f32, f32)> = None; // (weight, transposed, bias, alpha, beta)
+/// The axes of a `ReduceMean`: an attribute (opset < 18) or a constant
+/// second input (int64 values or raw little-endian bytes).
+fn reduce_axes(w: &Walker<'_>, node: usize) -> Vec<i64> {
+    let pn = &w.g.nodes[node];
+    let from_input = || {
+        let t = pn.input.get(1).and_then(|a| w.g.constant(a))?;
+        if !t.int64_data.is_empty() {
+            return Some(t.int64_data.clone());
+        }
+        Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        )
+    };
+    attr_ints(pn, "axes")
+        .or_else(from_input)
+        .unwrap_or_default()
+}
+
+/// Shape-only nodes after the final pool, then an optional classifier.
+fn match_head(w: &Walker<'_>, mut x: String) -> Result<Option<FcRef>, ModelError> {
+    let mut fc: Option<FcRef> = None;
     for step in 0.. {
         if step > w.g.nodes.len() {
             return Err(w.err("the graph loops after the final pool"));
@@ -545,6 +607,13 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
             "after the final pool",
         )?;
         let n = &w.g.nodes[next];
+        let constant = |i: usize, what: &str| {
+            n.input
+                .get(i)
+                .filter(|b| w.g.is_const(b))
+                .cloned()
+                .ok_or_else(|| w.err(format!("{what} without a constant weight")))
+        };
         match n.op_type.as_str() {
             "Gemm" | "MatMul" if fc.is_some() => {
                 return Err(w.err(format!(
@@ -553,37 +622,30 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
                 )));
             }
             "Gemm" => {
-                let b = n
-                    .input
-                    .get(1)
-                    .filter(|b| w.g.is_const(b))
-                    .cloned()
-                    .ok_or_else(|| w.err("Gemm without a constant weight"))?;
                 if attr_int(n, "transA").unwrap_or(0) != 0 {
                     return Err(w.err(format!("{} uses transA", w.g.describe(next))));
                 }
-                let c = n.input.get(2).filter(|c| !c.is_empty()).cloned();
-                fc = Some((
-                    b,
-                    attr_int(n, "transB").unwrap_or(0) != 0,
-                    c,
-                    attr_float(n, "alpha").unwrap_or(1.0),
-                    attr_float(n, "beta").unwrap_or(1.0),
-                ));
+                fc = Some(FcRef {
+                    weight: constant(1, "Gemm")?,
+                    transposed: attr_int(n, "transB").unwrap_or(0) != 0,
+                    bias: n.input.get(2).filter(|c| !c.is_empty()).cloned(),
+                    alpha: attr_float(n, "alpha").unwrap_or(1.0),
+                    beta: attr_float(n, "beta").unwrap_or(1.0),
+                });
             }
             "MatMul" => {
-                let b = n
-                    .input
-                    .get(1)
-                    .filter(|b| w.g.is_const(b))
-                    .cloned()
-                    .ok_or_else(|| w.err("MatMul without a constant weight"))?;
-                fc = Some((b, false, None, 1.0, 1.0));
+                fc = Some(FcRef {
+                    weight: constant(1, "MatMul")?,
+                    transposed: false,
+                    bias: None,
+                    alpha: 1.0,
+                    beta: 1.0,
+                });
             }
             "Add" => {
                 let bias = n.input.iter().find(|i| w.g.is_const(i)).cloned();
-                match (&mut fc, bias) {
-                    (Some((_, _, slot @ None, _, _)), Some(b)) => *slot = Some(b),
+                match (fc.as_mut(), bias) {
+                    (Some(f), Some(b)) if f.bias.is_none() => f.bias = Some(b),
                     _ => {
                         return Err(w.err(format!(
                             "unexpected {} after the final pool",
@@ -596,38 +658,18 @@ pub(super) fn import(path: &Path, model: &ModelProto) -> Result<ImportedResNet, 
         }
         x = w.output_of(next)?;
     }
-
-    build(
-        path,
-        &w,
-        info,
-        &stem,
-        pool_pads,
-        &blocks,
-        final_pool_window,
-        fc,
-    )
+    Ok(fc)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build(
-    path: &Path,
-    w: &Walker<'_>,
-    info: OnnxInfo,
-    stem: &ConvUnit,
-    pool_pads: [usize; 4],
-    blocks: &[BlockMatch],
-    final_pool_window: Option<usize>,
-    fc: Option<(String, bool, Option<String>, f32, f32)>,
-) -> Result<ImportedResNet, ModelError> {
-    // Stages: a new stage starts at every stride-2 block.
-    let mut stages: Vec<Vec<&BlockMatch>> = Vec::new();
+/// The blocks by stage: a new stage starts at every stride-2 block.
+fn stages(w: &Walker<'_>, blocks: &[BlockMatch]) -> Result<Vec<Vec<usize>>, ModelError> {
+    let mut stages: Vec<Vec<usize>> = Vec::new();
     for (i, b) in blocks.iter().enumerate() {
-        match b.stride {
-            1 if i > 0 => stages.last_mut().map(|s| s.push(b)).unwrap_or(()),
-            1 => stages.push(vec![b]),
-            2 if i > 0 => stages.push(vec![b]),
-            s => {
+        match (b.stride, stages.last_mut()) {
+            (1, Some(stage)) => stage.push(i),
+            (1, None) => stages.push(vec![i]),
+            (2, Some(_)) => stages.push(vec![i]),
+            (s, _) => {
                 return Err(w.err(format!(
                     "the block ending at {} has stride {s}; ResNet stages use 1 then 2",
                     w.g.describe(b.add_node)
@@ -642,6 +684,15 @@ fn build(
             stages.iter().map(Vec::len).collect::<Vec<_>>()
         )));
     }
+    Ok(stages)
+}
+
+/// Phase 2: the architecture of a matched graph, with every structural
+/// check (stage strides, one block kind, one BatchNorm epsilon, padding
+/// consistent with the stem's style, a 3-channel stem).
+fn infer_config(w: &Walker<'_>, m: &ResNetGraph) -> Result<ResNetConfig, ModelError> {
+    let (stem, blocks) = (&m.stem, &m.blocks);
+    let stages = stages(w, blocks)?;
     let kind = match blocks[0].main.len() {
         2 => BlockKind::Basic,
         _ => BlockKind::Bottleneck,
@@ -652,7 +703,7 @@ fn build(
             w.g.describe(b.add_node)
         )));
     }
-    let stride_on = if kind == BlockKind::Bottleneck && stages[1][0].main[0].stride == 2 {
+    let stride_on = if kind == BlockKind::Bottleneck && blocks[stages[1][0]].main[0].stride == 2 {
         StridePlacement::Conv1x1
     } else {
         StridePlacement::Conv3x3
@@ -662,40 +713,23 @@ fn build(
     } else {
         PaddingStyle::BeginHeavy
     };
-    let mut layers = [0usize; 4];
-    let mut widths = [0usize; 4];
-    for (s, stage) in stages.iter().enumerate() {
-        layers[s] = stage.len();
-        widths[s] = stage[0].main[0].out_channels;
-    }
-    let (fc_weight, num_classes) = match &fc {
-        Some((b, transposed, ..)) => {
-            let d = w.g.const_dims(b).unwrap_or_default();
-            let classes = match (d.as_slice(), transposed) {
-                ([out, _], true) | ([_, out], false) => *out,
+    let layers = [0, 1, 2, 3].map(|s| stages[s].len());
+    let widths = [0, 1, 2, 3].map(|s| blocks[stages[s][0]].main[0].out_channels);
+    let num_classes = match &m.fc {
+        Some(fc) => {
+            let d = w.g.const_dims(&fc.weight).unwrap_or_default();
+            match (d.as_slice(), fc.transposed) {
+                ([out, _], true) | ([_, out], false) => Some(*out),
                 _ => {
                     return Err(w.err(format!(
-                        "classifier weight `{b}` has shape {d:?}, expected 2-D"
+                        "classifier weight `{}` has shape {d:?}, expected 2-D",
+                        fc.weight
                     )));
                 }
-            };
-            (Some(b.clone()), Some(classes))
+            }
         }
-        None => (None, None),
+        None => None,
     };
-    // BatchNorm epsilon: one value for the whole network.
-    let eps: Vec<f32> = std::iter::once(stem)
-        .chain(
-            blocks
-                .iter()
-                .flat_map(|b| b.main.iter().chain(b.downsample.iter())),
-        )
-        .filter_map(|u| u.bn.as_ref().map(|b| b.epsilon))
-        .collect();
-    let bn_epsilon = eps.first().map(|&e| e as f64).unwrap_or(1e-5);
-    if eps.iter().any(|&e| (e as f64 - bn_epsilon).abs() > 1e-12) {
-        return Err(w.err("BatchNorm epsilons differ between layers"));
-    }
     let config = ResNetConfig::new(kind, layers)
         .with_widths(widths)
         .with_stem_width(stem.out_channels)
@@ -703,8 +737,8 @@ fn build(
         .with_stride_on(stride_on)
         .with_padding(padding)
         .with_num_classes(num_classes)
-        .with_final_pool_window(final_pool_window)
-        .with_bn_epsilon(bn_epsilon);
+        .with_final_pool_window(m.final_pool_window)
+        .with_bn_epsilon(bn_epsilon(w, m)?);
     config.validate()?;
     if stem.in_channels != 3 {
         return Err(w.err(format!(
@@ -712,202 +746,457 @@ fn build(
             stem.in_channels
         )));
     }
+    check_padding(w, m, padding)?;
+    Ok(config)
+}
 
-    // Every convolution and the stem pool must be padded as the style says.
-    let check_pads = |pads: [usize; 4],
-                      kernel: usize,
-                      stride: usize,
-                      node: usize|
-     -> Result<(), ModelError> {
-        let (b, e) = padding.pads(kernel, stride);
-        if pads != [b, b, e, e] {
+/// Every convolution unit of a matched graph, stem first, each block's
+/// main chain then its shortcut.
+fn units(m: &ResNetGraph) -> impl Iterator<Item = &ConvUnit> {
+    std::iter::once(&m.stem).chain(
+        m.blocks
+            .iter()
+            .flat_map(|b| b.main.iter().chain(b.downsample.iter())),
+    )
+}
+
+/// The network's one BatchNorm epsilon (1e-5 when every layer is folded).
+fn bn_epsilon(w: &Walker<'_>, m: &ResNetGraph) -> Result<f64, ModelError> {
+    let eps: Vec<f32> = units(m)
+        .filter_map(|u| u.bn.as_ref().map(|b| b.epsilon))
+        .collect();
+    let first = eps.first().map(|&e| e as f64).unwrap_or(1e-5);
+    if eps.iter().any(|&e| (e as f64 - first).abs() > 1e-12) {
+        return Err(w.err("BatchNorm epsilons differ between layers"));
+    }
+    Ok(first)
+}
+
+/// Every convolution and the stem pool padded as the stem's style says.
+fn check_padding(w: &Walker<'_>, m: &ResNetGraph, padding: PaddingStyle) -> Result<(), ModelError> {
+    for u in units(m) {
+        let (b, e) = padding.pads(u.kernel, u.stride);
+        if u.pads != [b, b, e, e] {
             return Err(w.err(format!(
-                "{} has pads {pads:?} where the network's padding style ({padding:?}, set by the stem) gives {:?}",
-                w.g.describe(node),
+                "{} has pads {:?} where the network's padding style ({padding:?}, set by the stem) gives {:?}",
+                w.g.describe(u.node),
+                u.pads,
                 [b, b, e, e]
             )));
         }
-        Ok(())
-    };
-    let mut weights = NamedWeights::new();
-    let mut stored = 0usize;
-    let mut folded = false;
-    let mut add_unit = |prefix: &str, bn_prefix: &str, u: &ConvUnit| -> Result<(), ModelError> {
-        check_pads(u.pads, u.kernel, u.stride, u.node)?;
-        let (dims, values) = w.g.tensor_f32(&u.weight)?;
-        stored += values.len();
-        weights.insert(
-            format!("{prefix}.weight"),
-            WeightEntry {
-                dims,
-                values,
-                source: u.weight.clone(),
-            },
-        );
-        let n = u.out_channels;
-        let conv_bias = match &u.bias {
-            Some(b) => {
-                let (d, v) = w.g.tensor_f32(b)?;
-                stored += v.len();
-                if d != [n] {
-                    return Err(ModelError::Shape {
-                        path: path.to_path_buf(),
-                        layer: format!("{prefix}.bias (ONNX `{b}`)"),
-                        expected: vec![n],
-                        found: d,
-                    });
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        let mut put = |field: &str, values: Vec<f32>, source: String| -> Result<(), ModelError> {
-            if values.len() != n {
-                return Err(ModelError::Shape {
-                    path: path.to_path_buf(),
-                    layer: format!("{bn_prefix}.{field} (ONNX `{source}`)"),
-                    expected: vec![n],
-                    found: vec![values.len()],
-                });
-            }
-            weights.insert(
-                format!("{bn_prefix}.{field}"),
-                WeightEntry {
-                    dims: vec![n],
-                    values,
-                    source,
-                },
-            );
-            Ok(())
-        };
-        match &u.bn {
-            Some(bn) => {
-                let mut get = |name: &str| -> Result<Vec<f32>, ModelError> {
-                    let (_, v) = w.g.tensor_f32(name)?;
-                    stored += v.len();
-                    Ok(v)
-                };
-                let gamma = get(&bn.scale)?;
-                let beta = get(&bn.bias)?;
-                let mut mean = get(&bn.mean)?;
-                let var = get(&bn.var)?;
-                if let Some(cb) = &conv_bias {
-                    // BN(Wx + b) = BN'(Wx) with the mean shifted by b.
-                    for (m, b) in mean.iter_mut().zip(cb) {
-                        *m -= b;
-                    }
-                }
-                put("gamma", gamma, bn.scale.clone())?;
-                put("beta", beta, bn.bias.clone())?;
-                put("running_mean", mean, bn.mean.clone())?;
-                put("running_var", var, bn.var.clone())?;
-            }
-            None => {
-                folded = true;
-                let src = format!("folded into {}", w.g.describe(u.node));
-                let eps = bn_epsilon as f32;
-                put("gamma", vec![1.0; n], src.clone())?;
-                put(
-                    "beta",
-                    conv_bias.unwrap_or_else(|| vec![0.0; n]),
-                    src.clone(),
-                )?;
-                put("running_mean", vec![0.0; n], src.clone())?;
-                put("running_var", vec![1.0 - eps; n], src)?;
-            }
-        }
-        Ok(())
-    };
-    add_unit("conv1", "bn1", stem)?;
-    for (s, stage) in stages.iter().enumerate() {
-        for (j, b) in stage.iter().enumerate() {
-            let p = format!("layer{}.{j}", s + 1);
-            for (k, u) in b.main.iter().enumerate() {
-                add_unit(
-                    &format!("{p}.conv{}", k + 1),
-                    &format!("{p}.bn{}", k + 1),
-                    u,
-                )?;
-            }
-            if let Some(ds) = &b.downsample {
-                add_unit(
-                    &format!("{p}.downsample.conv"),
-                    &format!("{p}.downsample.bn"),
-                    ds,
-                )?;
-            }
-        }
     }
-    let pool_expected = padding.pads(3, 2);
-    if pool_pads
-        != [
-            pool_expected.0,
-            pool_expected.0,
-            pool_expected.1,
-            pool_expected.1,
-        ]
-    {
+    let (b, e) = padding.pads(3, 2);
+    if m.pool_pads != [b, b, e, e] {
         return Err(w.err(format!(
-            "the stem max pool has pads {pool_pads:?}, which does not match the padding style {padding:?} of the stem convolution"
+            "the stem max pool has pads {:?}, which does not match the padding style {padding:?} of the stem convolution",
+            m.pool_pads
         )));
     }
-    if let (Some((b, transposed, c, alpha, beta)), Some(_)) = (&fc, &fc_weight) {
-        let (d, v) = w.g.tensor_f32(b)?;
-        stored += v.len();
-        let (rows, cols) = (d[0], d[1]);
-        // Burn's Linear stores [in, out].
-        let values: Vec<f32> = if *transposed {
-            let mut t = vec![0.0; v.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = v[r * cols + c] * alpha;
+    Ok(())
+}
+
+/// What phase 3 gathers: weights by module path, whether any BatchNorm
+/// was folded in the file, and the values read.
+struct Extracted {
+    weights: NamedWeights,
+    folded: bool,
+    stored: usize,
+}
+
+/// Phase 3: every tensor of a matched graph under its Burn module path
+/// (the names come from [`ConvSite`]). A folded convolution gets an
+/// identity BatchNorm that adds its bias; a convolution bias before a
+/// BatchNorm moves into the running mean.
+fn extract_weights(
+    path: &Path,
+    w: &Walker<'_>,
+    m: &ResNetGraph,
+    config: &ResNetConfig,
+) -> Result<(NamedWeights, bool, usize), ModelError> {
+    let mut out = Extracted {
+        weights: NamedWeights::new(),
+        folded: false,
+        stored: 0,
+    };
+    let eps = config.bn_epsilon as f32;
+    unit_weights(path, w, &mut out, ConvSite::Stem, &m.stem, eps)?;
+    let mut first = 0;
+    for (stage, &count) in config.layers.iter().enumerate() {
+        for (block, b) in m.blocks[first..first + count].iter().enumerate() {
+            for (k, u) in b.main.iter().enumerate() {
+                let site = ConvSite::Main {
+                    stage,
+                    block,
+                    conv: k,
+                };
+                unit_weights(path, w, &mut out, site, u, eps)?;
+            }
+            if let Some(ds) = &b.downsample {
+                let site = ConvSite::Downsample { stage, block };
+                unit_weights(path, w, &mut out, site, ds, eps)?;
+            }
+        }
+        first += count;
+    }
+    if let Some(fc) = &m.fc {
+        fc_weights(w, &mut out, fc, config.num_classes.unwrap_or(0))?;
+    }
+    Ok((out.weights, out.folded, out.stored))
+}
+
+/// One convolution's weight and its BatchNorm's four tensors.
+fn unit_weights(
+    path: &Path,
+    w: &Walker<'_>,
+    out: &mut Extracted,
+    site: ConvSite,
+    u: &ConvUnit,
+    eps: f32,
+) -> Result<(), ModelError> {
+    let (conv, bn_path) = (site.conv(), site.bn());
+    let (dims, values) = w.g.tensor_f32(&u.weight)?;
+    out.stored += values.len();
+    out.weights.insert(
+        format!("{conv}.weight"),
+        WeightEntry {
+            dims,
+            values,
+            source: u.weight.clone(),
+        },
+    );
+    let n = u.out_channels;
+    let shape_err = |layer: String, found: Vec<usize>| ModelError::Shape {
+        path: path.to_path_buf(),
+        layer,
+        expected: vec![n],
+        found,
+    };
+    let conv_bias = match &u.bias {
+        Some(b) => {
+            let (d, v) = w.g.tensor_f32(b)?;
+            out.stored += v.len();
+            if d != [n] {
+                return Err(shape_err(format!("{conv}.bias (ONNX `{b}`)"), d));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let tensors: [(Vec<f32>, String); 4] = match &u.bn {
+        Some(bn) => {
+            let mut get = |name: &str| -> Result<(Vec<f32>, String), ModelError> {
+                let (_, v) = w.g.tensor_f32(name)?;
+                out.stored += v.len();
+                Ok((v, name.to_string()))
+            };
+            let (gamma, beta, mut mean, var) = (
+                get(&bn.scale)?,
+                get(&bn.bias)?,
+                get(&bn.mean)?,
+                get(&bn.var)?,
+            );
+            if let Some(cb) = &conv_bias {
+                // BN(Wx + b) = BN'(Wx) with the mean shifted by b.
+                for (m, b) in mean.0.iter_mut().zip(cb) {
+                    *m -= b;
                 }
             }
-            t
-        } else {
-            v.iter().map(|x| x * alpha).collect()
+            [gamma, beta, mean, var]
+        }
+        None => {
+            out.folded = true;
+            let src = format!("folded into {}", w.g.describe(u.node));
+            let beta = conv_bias.unwrap_or_else(|| vec![0.0; n]);
+            [
+                (vec![1.0; n], src.clone()),
+                (beta, src.clone()),
+                (vec![0.0; n], src.clone()),
+                (vec![1.0 - eps; n], src),
+            ]
+        }
+    };
+    for (field, (values, source)) in ["gamma", "beta", "running_mean", "running_var"]
+        .into_iter()
+        .zip(tensors)
+    {
+        if values.len() != n {
+            return Err(shape_err(
+                format!("{bn_path}.{field} (ONNX `{source}`)"),
+                vec![values.len()],
+            ));
+        }
+        let entry = WeightEntry {
+            dims: vec![n],
+            values,
+            source,
         };
-        let dims = if *transposed {
-            vec![cols, rows]
-        } else {
-            vec![rows, cols]
-        };
-        weights.insert(
-            "fc.weight".into(),
-            WeightEntry {
-                dims,
-                values,
-                source: b.clone(),
-            },
-        );
-        if let Some(c) = c {
+        out.weights.insert(format!("{bn_path}.{field}"), entry);
+    }
+    Ok(())
+}
+
+/// The classifier as Burn's `Linear` stores it (`[in, out]`), with
+/// `Gemm`'s alpha and beta applied; a missing bias is zero.
+fn fc_weights(
+    w: &Walker<'_>,
+    out: &mut Extracted,
+    fc: &FcRef,
+    classes: usize,
+) -> Result<(), ModelError> {
+    let (d, v) = w.g.tensor_f32(&fc.weight)?;
+    out.stored += v.len();
+    let [rows, cols] = d[..] else {
+        return Err(w.err(format!(
+            "classifier weight `{}` has shape {d:?}, expected 2-D",
+            fc.weight
+        )));
+    };
+    let (dims, values) = if fc.transposed {
+        let mut t = vec![0.0; v.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = v[r * cols + c] * fc.alpha;
+            }
+        }
+        (vec![cols, rows], t)
+    } else {
+        (vec![rows, cols], v.iter().map(|x| x * fc.alpha).collect())
+    };
+    let weight = WeightEntry {
+        dims,
+        values,
+        source: fc.weight.clone(),
+    };
+    out.weights.insert("fc.weight".into(), weight);
+    let bias = match &fc.bias {
+        Some(c) => {
             let (d, v) = w.g.tensor_f32(c)?;
-            stored += v.len();
-            weights.insert(
-                "fc.bias".into(),
-                WeightEntry {
-                    dims: d,
-                    values: v.iter().map(|x| x * beta).collect(),
-                    source: c.clone(),
-                },
-            );
-        } else {
-            let n = num_classes.unwrap_or(0);
-            weights.insert(
-                "fc.bias".into(),
-                WeightEntry {
-                    dims: vec![n],
-                    values: vec![0.0; n],
-                    source: "absent (zero)".into(),
-                },
-            );
+            out.stored += v.len();
+            WeightEntry {
+                dims: d,
+                values: v.iter().map(|x| x * fc.beta).collect(),
+                source: c.clone(),
+            }
+        }
+        None => WeightEntry {
+            dims: vec![classes],
+            values: vec![0.0; classes],
+            source: "absent (zero)".into(),
+        },
+    };
+    out.weights.insert("fc.bias".into(), bias);
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    //! Each phase on a small graph built here: a basic-block ResNet with
+    //! one block per stage, widths 4, 8, 8, 8, BatchNorm kept, and a
+    //! `Gemm` classifier with `transB`.
+    use super::*;
+    use crate::onnx::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, ValueInfoProto};
+
+    fn ints(name: &str, v: &[usize]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            ints: v.iter().map(|&x| x as i64).collect(),
+            ..Default::default()
         }
     }
-    Ok(ImportedResNet {
-        config,
-        weights,
-        info,
-        folded_batchnorm: folded,
-        stored_values: stored,
-    })
+
+    #[derive(Default)]
+    struct Builder {
+        g: GraphProto,
+        n: usize,
+    }
+
+    impl Builder {
+        fn init(&mut self, name: &str, dims: &[usize]) {
+            let len: usize = dims.iter().product();
+            self.g.initializer.push(TensorProto {
+                name: name.into(),
+                dims: dims.iter().map(|&d| d as i64).collect(),
+                data_type: 1,
+                float_data: (0..len).map(|i| 0.5 + i as f32 * 1e-3).collect(),
+                ..Default::default()
+            });
+        }
+
+        fn node(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
+            self.n += 1;
+            let out = format!("v{}", self.n);
+            self.g.node.push(NodeProto {
+                input: inputs.iter().map(|s| s.to_string()).collect(),
+                output: vec![out.clone()],
+                name: format!("n{}", self.n),
+                op_type: op.into(),
+                attribute,
+                ..Default::default()
+            });
+            out
+        }
+
+        /// Conv (symmetric pads) + BatchNormalization.
+        fn conv(&mut self, x: &str, cin: usize, cout: usize, k: usize, stride: usize) -> String {
+            let w = format!("w{}", self.n + 1);
+            self.init(&w, &[cout, cin, k, k]);
+            let p = k / 2;
+            let attrs = vec![
+                ints("kernel_shape", &[k, k]),
+                ints("strides", &[stride, stride]),
+                ints("pads", &[p, p, p, p]),
+            ];
+            let y = self.node("Conv", &[x, &w], attrs);
+            let bn: Vec<String> = ["scale", "bias", "mean", "var"]
+                .iter()
+                .map(|t| format!("{t}{}", self.n))
+                .collect();
+            for name in &bn {
+                self.init(name, &[cout]);
+            }
+            let eps = AttributeProto {
+                name: "epsilon".into(),
+                f: 1e-5,
+                ..Default::default()
+            };
+            let inputs = [y.as_str(), &bn[0], &bn[1], &bn[2], &bn[3]];
+            self.node("BatchNormalization", &inputs, vec![eps])
+        }
+
+        fn block(&mut self, x: &str, cin: usize, cout: usize, stride: usize) -> String {
+            let a = self.conv(x, cin, cout, 3, stride);
+            let a = self.node("Relu", &[&a], vec![]);
+            let b = self.conv(&a, cout, cout, 3, 1);
+            let shortcut = if stride != 1 || cin != cout {
+                self.conv(x, cin, cout, 1, stride)
+            } else {
+                x.to_string()
+            };
+            let sum = self.node("Add", &[&b, &shortcut], vec![]);
+            self.node("Relu", &[&sum], vec![])
+        }
+    }
+
+    fn tiny(strides: [usize; 4]) -> GraphProto {
+        let mut b = Builder::default();
+        b.g.input.push(ValueInfoProto {
+            name: "x".into(),
+            ..Default::default()
+        });
+        let stem = b.conv("x", 3, 4, 7, 2);
+        let stem = b.node("Relu", &[&stem], vec![]);
+        let pool_attrs = vec![
+            ints("kernel_shape", &[3, 3]),
+            ints("strides", &[2, 2]),
+            ints("pads", &[1, 1, 1, 1]),
+        ];
+        let mut x = b.node("MaxPool", &[&stem], pool_attrs);
+        let widths = [4, 8, 8, 8];
+        let mut cin = 4;
+        for (w, s) in widths.into_iter().zip(strides) {
+            x = b.block(&x, cin, w, s);
+            cin = w;
+        }
+        let x = b.node("GlobalAveragePool", &[&x], vec![]);
+        let x = b.node("Flatten", &[&x], vec![]);
+        b.init("fc_w", &[3, 8]);
+        b.init("fc_b", &[3]);
+        let trans_b = AttributeProto {
+            name: "transB".into(),
+            i: 1,
+            ..Default::default()
+        };
+        let y = b.node("Gemm", &[&x, "fc_w", "fc_b"], vec![trans_b]);
+        b.g.output.push(ValueInfoProto {
+            name: y,
+            ..Default::default()
+        });
+        b.g
+    }
+
+    fn phases(
+        g: &GraphProto,
+    ) -> Result<(ResNetGraph, ResNetConfig, NamedWeights, usize), ModelError> {
+        let w = Walker {
+            g: Graph::new(Path::new("tiny.onnx"), g),
+        };
+        let info = OnnxInfo {
+            producer: String::new(),
+            opset: 17,
+            ir_version: 8,
+            input_name: "x".into(),
+            input_shape: Vec::new(),
+        };
+        let m = match_graph(&w, &info)?;
+        let config = infer_config(&w, &m)?;
+        let (weights, folded, stored) = extract_weights(Path::new("tiny.onnx"), &w, &m, &config)?;
+        assert!(!folded);
+        Ok((m, config, weights, stored))
+    }
+
+    #[test]
+    fn match_graph_names_every_part() {
+        let (m, ..) = phases(&tiny([1, 2, 2, 2])).unwrap();
+        assert_eq!(
+            (m.stem.kernel, m.stem.stride, m.stem.out_channels),
+            (7, 2, 4)
+        );
+        assert_eq!(m.pool_pads, [1; 4]);
+        assert_eq!(m.blocks.len(), 4);
+        let shortcuts: Vec<bool> = m.blocks.iter().map(|b| b.downsample.is_some()).collect();
+        // Every stride-2 block projects its shortcut.
+        assert_eq!(shortcuts, [false, true, true, true]);
+        assert_eq!(m.final_pool_window, None);
+        let fc = m.fc.unwrap();
+        assert_eq!((fc.weight.as_str(), fc.transposed), ("fc_w", true));
+        assert_eq!(fc.bias.as_deref(), Some("fc_b"));
+    }
+
+    #[test]
+    fn infer_config_reads_the_architecture() {
+        let (_, c, ..) = phases(&tiny([1, 2, 2, 2])).unwrap();
+        assert_eq!(c.block, BlockKind::Basic);
+        assert_eq!(c.layers, [1, 1, 1, 1]);
+        assert_eq!(c.widths, [4, 8, 8, 8]);
+        assert_eq!(c.stem_width, 4);
+        assert_eq!(c.num_classes, Some(3));
+        assert_eq!(c.padding, PaddingStyle::Symmetric);
+        // A block of stride 3 is no ResNet stage.
+        let e = phases(&tiny([1, 3, 2, 2])).err().unwrap().to_string();
+        assert!(e.contains("stride 3"), "{e}");
+        // Three stride-2 blocks are needed for four stages.
+        let e = phases(&tiny([1, 1, 2, 2])).err().unwrap().to_string();
+        assert!(e.contains("found 3 stages"), "{e}");
+    }
+
+    #[test]
+    fn extract_weights_uses_the_module_paths_of_resnet_rs() {
+        let (_, _, weights, stored) = phases(&tiny([1, 2, 2, 2])).unwrap();
+        let ds = ConvSite::Downsample { stage: 1, block: 0 };
+        assert_eq!(weights[&format!("{}.weight", ds.conv())].dims, [8, 4, 1, 1]);
+        assert_eq!(weights[&format!("{}.running_var", ds.bn())].dims, [8]);
+        let c2 = ConvSite::Main {
+            stage: 3,
+            block: 0,
+            conv: 1,
+        };
+        assert_eq!(weights[&format!("{}.weight", c2.conv())].dims, [8, 8, 3, 3]);
+        // Gemm with transB: Burn's Linear stores [in, out], transposed.
+        let fc = &weights["fc.weight"];
+        assert_eq!(fc.dims, [8, 3]);
+        assert_eq!(
+            fc.values[1],
+            0.5 + 8.0 * 1e-3,
+            "row 1 of [in, out] is column 1 of [out, in]"
+        );
+        // 12 convolutions (stem, 2 per block, 3 shortcuts) with their
+        // BatchNorm (4 tensors each), and fc.
+        let convs = 1 + 2 * 4 + 3;
+        assert_eq!(weights.len(), convs * 5 + 2);
+        assert_eq!(
+            stored,
+            weights.values().map(|e| e.values.len()).sum::<usize>()
+        );
+    }
 }
