@@ -6,12 +6,9 @@
 //! ML.NET's `ResNetPreprocess.onnx`); the `weights/` manifest by SHA-256;
 //! torchvision's ImageNet mean/std for PyTorch files and exports.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-
-use crate::error::ModelError;
-use crate::onnx::{self, Graph};
 
 /// Order of the colour channels the network reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,149 +155,11 @@ impl Normalization {
         };
         format!("{order} {range}, mean {}, {std} ({source})", f(&self.mean))
     }
-
-    /// Reads a preprocessing ONNX graph made of a channel split and
-    /// reordering concat, a mean subtraction, and optionally a division by
-    /// a std and a scaling by 1/255. A per-pixel mean image is reduced to
-    /// its per-channel averages.
-    pub fn from_prep_onnx(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let model = onnx::decode(path, &bytes)?;
-        let prep_err = |why: String| ModelError::Preprocess {
-            path: path.to_path_buf(),
-            why,
-        };
-        let Some(graph) = model.graph.as_ref() else {
-            return Err(prep_err("no graph".into()));
-        };
-        let g = Graph::new(path, graph);
-        let mut order = [0usize, 1, 2];
-        let mut mean = [0f32; 3];
-        let mut std = [1f32; 3];
-        let mut scale = 1f32;
-        for (i, n) in g.nodes.iter().enumerate() {
-            match n.op_type.as_str() {
-                "Split" => {
-                    // Outputs are the input channels 0, 1, 2 in order.
-                    if n.output.len() != 3 {
-                        return Err(prep_err(format!(
-                            "{} does not split into 3 channels",
-                            g.describe(i)
-                        )));
-                    }
-                    let concat = g.nodes.iter().find(|c| c.op_type == "Concat");
-                    if let Some(c) = concat {
-                        for (dst, name) in c.input.iter().enumerate().take(3) {
-                            let src = n.output.iter().position(|o| o == name).ok_or_else(|| {
-                                prep_err(format!("Concat input `{name}` is not a Split output"))
-                            })?;
-                            order[dst] = src;
-                        }
-                    }
-                }
-                "Concat" | "Identity" => {}
-                "Sub" | "Div" | "Mul" => {
-                    let c = n.input.get(1).filter(|c| g.is_const(c)).ok_or_else(|| {
-                        prep_err(format!("{} has no constant operand", g.describe(i)))
-                    })?;
-                    let (dims, v) = g.tensor_f32(c)?;
-                    let per_channel = channel_means(&dims, &v).ok_or_else(|| {
-                        prep_err(format!(
-                            "constant `{c}` with shape {dims:?} is not per-channel"
-                        ))
-                    })?;
-                    match n.op_type.as_str() {
-                        "Sub" => {
-                            for (m, p) in mean.iter_mut().zip(per_channel) {
-                                *m += p * scale;
-                            }
-                        }
-                        "Div" if dims.iter().product::<usize>() == 1 => scale /= per_channel[0],
-                        "Div" => std = per_channel,
-                        _ if dims.iter().product::<usize>() == 1 => scale *= per_channel[0],
-                        _ => {
-                            return Err(prep_err(format!(
-                                "{} scales channels unevenly",
-                                g.describe(i)
-                            )));
-                        }
-                    }
-                }
-                other => {
-                    return Err(prep_err(format!(
-                        "unexpected operator {other} at {}",
-                        g.describe(i)
-                    )));
-                }
-            }
-        }
-        let channel_order = match order {
-            [0, 1, 2] => ChannelOrder::Rgb,
-            [2, 1, 0] => ChannelOrder::Bgr,
-            o => {
-                return Err(prep_err(format!(
-                    "channel permutation {o:?} is neither RGB nor BGR"
-                )));
-            }
-        };
-        let range = if (scale - 1.0 / 255.0).abs() < 1e-6 {
-            ValueRange::Unit
-        } else if (scale - 1.0).abs() < 1e-6 {
-            ValueRange::Byte
-        } else {
-            return Err(prep_err(format!(
-                "input scale {scale} is neither 1 nor 1/255"
-            )));
-        };
-        Ok(Self {
-            channel_order,
-            range,
-            mean,
-            std,
-            source: NormalizationSource::PrepFile(path.to_path_buf()),
-            eval_crop: None,
-        })
-    }
-}
-
-/// Per-channel means of a constant shaped `[1,3,H,W]`, `[3,H,W]`,
-/// `[3,1,1]`, `[3]` or a scalar.
-fn channel_means(dims: &[usize], v: &[f32]) -> Option<[f32; 3]> {
-    if v.len() == 1 {
-        return Some([v[0]; 3]);
-    }
-    let lead: Vec<usize> = dims.iter().copied().skip_while(|&d| d == 1).collect();
-    if lead.first() != Some(&3) || !v.len().is_multiple_of(3) {
-        return None;
-    }
-    let per = v.len() / 3;
-    let mut out = [0f32; 3];
-    for (c, o) in out.iter_mut().enumerate() {
-        let sum: f64 = v[c * per..(c + 1) * per].iter().map(|&x| x as f64).sum();
-        *o = (sum / per as f64) as f32;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn channel_means_of_images_and_vectors() {
-        let img: Vec<f32> = [1.0f32; 4]
-            .iter()
-            .chain(&[2.0; 4])
-            .chain(&[3.0; 4])
-            .copied()
-            .collect();
-        assert_eq!(channel_means(&[1, 3, 2, 2], &img), Some([1.0, 2.0, 3.0]));
-        assert_eq!(channel_means(&[3], &[4.0, 5.0, 6.0]), Some([4.0, 5.0, 6.0]));
-        assert_eq!(channel_means(&[4], &[1.0; 4]), None);
-    }
 
     #[test]
     fn describe_names_order_range_and_source() {

@@ -235,7 +235,7 @@ pub fn load_weights(
     provenance.known = lookup_manifest(&provenance.sha256);
     let normalization = match (&options.normalization, &options.prep) {
         (Some(n), _) => n.clone().with_source(NormalizationSource::Explicit),
-        (None, Some(prep)) => Normalization::from_prep_onnx(prep)?,
+        (None, Some(prep)) => crate::onnx::read_prep_onnx(prep)?,
         (None, None) => match (&provenance.known, file_norm) {
             (Some(k), _) => k
                 .normalization

@@ -11,6 +11,7 @@
 //! import has torchvision's module layout.
 
 mod graph;
+mod prep;
 pub mod proto;
 mod resnet_graph;
 
@@ -18,6 +19,7 @@ use std::path::Path;
 
 use prost::Message;
 
+pub use prep::read_prep_onnx;
 pub use resnet_graph::{ImportedResNet, NamedWeights, WeightEntry};
 
 use crate::error::ModelError;
@@ -67,5 +69,3 @@ pub fn import_resnet_file(path: &Path) -> Result<ImportedResNet, ModelError> {
     })?;
     import_resnet_bytes(path, &bytes)
 }
-
-pub(crate) use graph::Graph;
