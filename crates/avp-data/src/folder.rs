@@ -129,6 +129,38 @@ fn has_image_extension(p: &Path) -> bool {
         .is_some_and(|e| IMG_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// Decodes every candidate file in parallel (to read its size and to know
+/// it is an image); returns the readable ones and the skipped ones, each in
+/// the candidates' order.
+fn decode_all(candidates: Vec<(PathBuf, usize)>) -> (Vec<Sample>, Vec<Skipped>) {
+    let checked: Vec<Result<Sample, Skipped>> = candidates
+        .into_par_iter()
+        .map(|(path, class)| match decode_rgb8(&path) {
+            Ok(img) => Ok(Sample {
+                size: img.dimensions(),
+                path,
+                class,
+            }),
+            Err(e) => Err(Skipped {
+                reason: match e {
+                    DataError::Decode { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+                path,
+            }),
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    for c in checked {
+        match c {
+            Ok(s) => samples.push(s),
+            Err(s) => skipped.push(s),
+        }
+    }
+    (samples, skipped)
+}
+
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let rd = std::fs::read_dir(dir).map_err(|source| DataError::ReadDir {
         path: dir.to_path_buf(),
@@ -295,31 +327,7 @@ impl ImageFolder {
                 });
             }
         }
-        let checked: Vec<Result<Sample, Skipped>> = candidates
-            .into_par_iter()
-            .map(|(path, class)| match decode_rgb8(&path) {
-                Ok(img) => Ok(Sample {
-                    size: img.dimensions(),
-                    path,
-                    class,
-                }),
-                Err(e) => Err(Skipped {
-                    reason: match e {
-                        DataError::Decode { reason, .. } => reason,
-                        other => other.to_string(),
-                    },
-                    path,
-                }),
-            })
-            .collect();
-        let mut samples = Vec::new();
-        let mut skipped = Vec::new();
-        for c in checked {
-            match c {
-                Ok(s) => samples.push(s),
-                Err(s) => skipped.push(s),
-            }
-        }
+        let (samples, skipped) = decode_all(candidates);
         if options.strict
             && let Some(s) = skipped.first()
         {

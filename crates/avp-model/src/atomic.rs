@@ -10,10 +10,27 @@ use crate::error::ModelError;
 
 /// Writes `bytes` to `path` atomically (see the module docs).
 pub fn write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    write_with(path, |tmp| {
+        std::fs::File::create(tmp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            })
+            .map_err(|source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+    })
+}
+
+/// Has `fill` write the file at the temporary path it is given, then
+/// renames it to `path`; on any error the temporary file is removed and
+/// `path` is untouched. The one `.partial`-then-rename in avp (downloads,
+/// converted weights, feature caches, `model.bpk` go through it).
+pub fn write_with(
+    path: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     let tmp = path.with_extension(format!(
         "{}partial-{}",
         path.extension()
@@ -21,17 +38,16 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
             .unwrap_or_default(),
         std::process::id()
     ));
-    let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+    let result = fill(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
+    });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
     }
-    Ok(())
+    result
 }
 
 #[cfg(test)]

@@ -361,3 +361,80 @@ fn block_forward(block: &Block, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
     }
     relu(out + identity)
 }
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+    use crate::resnet::BlockKind;
+
+    fn tiny() -> (ResNet, ResNetConfig) {
+        let cfg = ResNetConfig::new(BlockKind::Basic, [1, 1, 1, 1])
+            .with_widths([4, 4, 8, 8])
+            .with_stem_width(4);
+        (cfg.init(&Device::flex()), cfg)
+    }
+
+    #[test]
+    fn kernels_parse_and_fused_is_refused_where_it_cannot_run() {
+        assert_eq!("Fused".parse::<Kernels>().unwrap(), Kernels::Fused);
+        assert_eq!(" burn ".parse::<Kernels>().unwrap(), Kernels::Burn);
+        let e = "fast".parse::<Kernels>().unwrap_err().to_string();
+        assert!(e.contains("auto, burn, fused"), "{e}");
+        let (net, cfg) = tiny();
+        assert!(
+            Backbone::in_memory(net, cfg.clone())
+                .with_kernels(Kernels::Fused)
+                .is_ok()
+        );
+        #[cfg(feature = "ndarray")]
+        {
+            #[allow(deprecated)]
+            let device = Device::ndarray();
+            let net = cfg.init(&device);
+            let e = Backbone::in_memory(net, cfg.clone())
+                .with_kernels(Kernels::Fused)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("flex device only"), "{e}");
+        }
+    }
+
+    #[test]
+    fn each_device_gets_its_own_forms_and_the_same_features() {
+        let (net, cfg) = tiny();
+        let backbone = Backbone::in_memory(net, cfg);
+        let x = Tensor::<4>::random(
+            [2, 3, 64, 64],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &Device::flex(),
+        );
+        let flex = backbone.features(x.clone(), BatchNormUse::Folded);
+        // Asked twice: the forms are made once.
+        let again = backbone.features(x.clone(), BatchNormUse::Folded);
+        assert_eq!(
+            flex.clone().into_data().try_to_vec::<f32>().unwrap(),
+            again.into_data().try_to_vec::<f32>().unwrap()
+        );
+        assert_eq!(backbone.forms.lock().unwrap().len(), 1);
+        #[cfg(feature = "ndarray")]
+        {
+            #[allow(deprecated)]
+            let device = Device::ndarray();
+            let other = backbone.features(x.to_device(&device), BatchNormUse::Folded);
+            assert_eq!(backbone.forms.lock().unwrap().len(), 2);
+            assert_eq!(backbone.kernels_for(&device, BatchNormUse::Folded), "burn");
+            let a = flex.into_data().try_to_vec::<f32>().unwrap();
+            let b = other.into_data().try_to_vec::<f32>().unwrap();
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-4,
+                "flex (fused) vs ndarray (Burn's modules): {diff}"
+            );
+        }
+    }
+}

@@ -147,21 +147,7 @@ pub fn download(
         path: dir.to_path_buf(),
         source: e,
     })?;
-    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
-    let result = fetch_to(url, &partial, checksum, options);
-    match result {
-        Ok(()) => std::fs::rename(&partial, dest).map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            ModelError::Io {
-                path: dest.to_path_buf(),
-                source: e,
-            }
-        })?,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    }
+    crate::atomic::write_with(dest, |partial| fetch_to(url, partial, checksum, options))?;
     Ok(dest.to_path_buf())
 }
 
@@ -483,27 +469,16 @@ fn native_readable(native: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes `loaded` to `native` in the native format, whole or not at all
-/// (a `.partial` file renamed into place).
+/// Writes `loaded` to `native` in the native format ([`save_native`]
+/// writes whole files or none).
 fn save_native_whole(loaded: &crate::LoadedModel, native: &Path) -> Result<(), ModelError> {
-    let partial = native.with_extension(format!("partial-{}", std::process::id()));
-    let saved = save_native(
+    save_native(
         &loaded.model,
         &loaded.config,
         &loaded.normalization,
         &loaded.provenance,
-        &partial,
+        native,
     )
-    .and_then(|()| {
-        std::fs::rename(&partial, native).map_err(|e| ModelError::Io {
-            path: native.to_path_buf(),
-            source: e,
-        })
-    });
-    if saved.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    saved
 }
 
 /// Resolves a weights argument: an existing file is itself; `hf:REPO[/FILE]`

@@ -53,6 +53,7 @@ pub mod hub;
 pub mod normalization;
 pub mod npy;
 pub mod onnx;
+pub mod pack;
 pub mod report;
 pub mod resnet;
 pub mod weights;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::store::{BurnpackStore, ModuleSnapshot, PytorchStore, SafetensorsStore};
+use burn::store::{ModuleSnapshot, PytorchStore, SafetensorsStore};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -410,7 +410,7 @@ fn load_state_dict(
                 .map_err(|e| store_err(path, e))?
         }
     };
-    check_apply(path, &result)?;
+    crate::pack::check_apply(path, &result, |k| k.ends_with("num_batches_tracked"))?;
     let provenance = Provenance {
         path: path.to_path_buf(),
         format,
@@ -424,28 +424,6 @@ fn load_state_dict(
         converted_from: None,
     };
     Ok((model, config, provenance, Some(Normalization::imagenet())))
-}
-
-/// Turns burn-store's report into an error when anything did not fit.
-fn check_apply(path: &Path, r: &burn::store::ApplyResult) -> Result<(), ModelError> {
-    if let Some(e) = r.errors.first() {
-        return Err(store_err(path, format!("{e:?}")));
-    }
-    // `num_batches_tracked` is a PyTorch BatchNorm counter with no Burn
-    // counterpart.
-    let unused: Vec<&String> = r
-        .unused
-        .iter()
-        .filter(|k| !k.ends_with("num_batches_tracked"))
-        .collect();
-    if !r.missing.is_empty() || !unused.is_empty() {
-        let missing: Vec<&str> = r.missing.iter().map(|(p, _)| p.as_str()).collect();
-        return Err(store_err(
-            path,
-            format!("weights do not fit the architecture: missing {missing:?}, unused {unused:?}"),
-        ));
-    }
-    Ok(())
 }
 
 const META_CONFIG: &str = "avp.resnet_config";
@@ -463,50 +441,30 @@ pub fn save_native(
     path: &Path,
 ) -> Result<(), ModelError> {
     let json = |v: serde_json::Result<String>| v.map_err(|e| store_err(path, e));
-    let mut store = BurnpackStore::from_file(path)
-        .overwrite(true)
-        .auto_extension(false)
-        .metadata(META_CONFIG, json(serde_json::to_string(config))?)
-        .metadata(
+    let metadata = [
+        (META_CONFIG, json(serde_json::to_string(config))?),
+        (
             META_NORMALIZATION,
             json(serde_json::to_string(normalization))?,
-        )
-        .metadata(META_PROVENANCE, json(serde_json::to_string(provenance))?);
-    model
-        .save_into(&mut store)
-        .map_err(|e| store_err(path, format!("cannot write: {e}")))
+        ),
+        (META_PROVENANCE, json(serde_json::to_string(provenance))?),
+    ];
+    crate::pack::save(model, &metadata, path)
 }
 
 fn load_native(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
     let bytes = read(path)?;
     let sha256 = sha256_hex(&bytes);
     drop(bytes);
-    let reader = burn_pack::Reader::from_file(path)
-        .map_err(|e| store_err(path, format!("not a readable burnpack file: {e}")))?;
-    let meta = reader.metadata();
-    let get = |k: &str| {
-        meta.get(k).cloned().ok_or_else(|| {
-            store_err(
-                path,
-                format!("burnpack without `{k}` metadata: not written by avp's save_native"),
-            )
-        })
-    };
-    let config: ResNetConfig = serde_json::from_str(&get(META_CONFIG)?)
-        .map_err(|e| store_err(path, format!("bad architecture metadata: {e}")))?;
-    let normalization: Normalization = serde_json::from_str(&get(META_NORMALIZATION)?)
-        .map_err(|e| store_err(path, format!("bad normalization metadata: {e}")))?;
+    let meta = crate::pack::metadata(path)?;
+    let config: ResNetConfig = crate::pack::meta(path, &meta, META_CONFIG, "architecture")?;
+    let normalization: Normalization =
+        crate::pack::meta(path, &meta, META_NORMALIZATION, "normalization")?;
     let original: Option<Provenance> = meta
         .get(META_PROVENANCE)
         .and_then(|p| serde_json::from_str(p).ok());
-    drop(reader);
     config.validate()?;
-    let mut model = config.init(device);
-    let mut store = BurnpackStore::from_file(path).auto_extension(false);
-    let result = model
-        .load_from(&mut store)
-        .map_err(|e| store_err(path, e))?;
-    check_apply(path, &result)?;
+    let model = crate::pack::load(config.init(device), path)?;
     let provenance = Provenance {
         path: path.to_path_buf(),
         format: WeightFormat::Burnpack,

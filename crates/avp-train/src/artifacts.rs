@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use avp_model::{Backbone, Normalization, Provenance, ResNet, ResNetConfig, WeightFormat};
 use burn::module::Module;
-use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
 
 use crate::classifier::{BnMode, Classifier, Head, HeadConfig};
@@ -91,19 +90,17 @@ pub fn save_model(trained: &TrainedModel, path: &Path) -> Result<(), TrainError>
         backbone: model.backbone.0.network().clone(),
         head: model.head.clone(),
     };
-    let mut store = BurnpackStore::from_file(path)
-        .overwrite(true)
-        .auto_extension(false)
-        .metadata(META_BACKBONE, json(serde_json::to_string(backbone_config))?)
-        .metadata(META_HEAD, json(serde_json::to_string(&widths))?)
-        .metadata(META_CLASSES, json(serde_json::to_string(classes))?)
-        .metadata(
+    let metadata = [
+        (META_BACKBONE, json(serde_json::to_string(backbone_config))?),
+        (META_HEAD, json(serde_json::to_string(&widths))?),
+        (META_CLASSES, json(serde_json::to_string(classes))?),
+        (
             META_NORMALIZATION,
             json(serde_json::to_string(normalization))?,
-        );
-    weights
-        .save_into(&mut store)
-        .map_err(|e| write_err(path, e))
+        ),
+    ];
+    // Whole or not at all (avp_model::pack writes through a `.partial`).
+    avp_model::pack::save(&weights, &metadata, path).map_err(|e| write_err(path, e))
 }
 
 /// Loads a `model.bpk` written by [`save_model`] onto `device`.
@@ -119,24 +116,12 @@ pub fn load_model(path: &Path, device: &Device) -> Result<TrainedModel, TrainErr
             "no such file (train a model first, e.g. cargo run --example alien_vs_predator)".into(),
         ));
     }
-    let reader = burn_pack::Reader::from_file(path)
-        .map_err(|e| bad(format!("not a readable burnpack file: {e}")))?;
-    let meta = reader.metadata().clone();
-    drop(reader);
-    let get = |k: &str| {
-        meta.get(k).cloned().ok_or_else(|| {
-            bad(format!(
-                "no `{k}` metadata: not a model.bpk written by avp-train"
-            ))
-        })
-    };
-    let parse_err = |e: serde_json::Error| bad(format!("bad metadata: {e}"));
-    let backbone_config: ResNetConfig =
-        serde_json::from_str(&get(META_BACKBONE)?).map_err(parse_err)?;
-    let widths: Vec<usize> = serde_json::from_str(&get(META_HEAD)?).map_err(parse_err)?;
-    let classes: Vec<String> = serde_json::from_str(&get(META_CLASSES)?).map_err(parse_err)?;
-    let normalization: Normalization =
-        serde_json::from_str(&get(META_NORMALIZATION)?).map_err(parse_err)?;
+    let meta = avp_model::pack::metadata(path)?;
+    use avp_model::pack::meta as get;
+    let backbone_config: ResNetConfig = get(path, &meta, META_BACKBONE, "backbone architecture")?;
+    let widths: Vec<usize> = get(path, &meta, META_HEAD, "head widths")?;
+    let classes: Vec<String> = get(path, &meta, META_CLASSES, "class names")?;
+    let normalization: Normalization = get(path, &meta, META_NORMALIZATION, "normalization")?;
     backbone_config.validate()?;
     if widths.last() != Some(&classes.len()) {
         return Err(bad(format!(
@@ -151,20 +136,12 @@ pub fn load_model(path: &Path, device: &Device) -> Result<TrainedModel, TrainErr
         classes.len(),
         device,
     )?;
-    let mut weights = ClassifierWeights {
+    let weights = ClassifierWeights {
         backbone: backbone_config.init(device),
         head,
     };
-    let mut store = BurnpackStore::from_file(path).auto_extension(false);
-    let result = weights
-        .load_from(&mut store)
-        .map_err(|e| bad(e.to_string()))?;
-    if !result.missing.is_empty() || !result.errors.is_empty() {
-        return Err(bad(format!(
-            "weights do not fit: missing {:?}, errors {:?}",
-            result.missing, result.errors
-        )));
-    }
+    // One rule with converted weights: nothing missing, nothing unused.
+    let weights = avp_model::pack::load(weights, path)?;
     let provenance = Provenance {
         path: path.to_path_buf(),
         format: WeightFormat::Burnpack,
