@@ -7,18 +7,17 @@
 //!     --out /tmp/pre --augment 6 --seed 1
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use avp::data::{Normalize, Pipeline, Rng, decode_rgb8};
-use avp::model::{LoadOptions, load_weights, npy, parse_device};
+use avp::model::npy;
 use avp::train::data_normalize;
 use clap::Parser;
-use image::RgbImage;
 
-/// The committed ResNet18 and its preprocessing file: the programs' default backbone.
-const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
-const DEFAULT_PREP: &str = "weights/mlnet-resnet18/ResNetPreprocess.onnx";
+mod common;
+use common::BackboneArgs;
+use image::RgbImage;
 
 /// Write what the network sees for some images.
 #[derive(Parser, Debug)]
@@ -30,15 +29,11 @@ struct Args {
     /// Output folder (created if needed).
     #[arg(long)]
     out: PathBuf,
-    /// Take the normalization from this weights file (default: the
-    /// committed ResNet18, the default backbone of the other programs, whose
-    /// input is BGR 0..255).
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Preprocessing ONNX file that defines the normalization (default: the
-    /// committed ResNet18's, with the default weights).
-    #[arg(long)]
-    prep: Option<PathBuf>,
+    /// The backbone whose normalization is applied (default: the committed
+    /// ResNet18, the default backbone of the other programs, whose input is
+    /// BGR 0..255).
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Use torchvision's ImageNet normalization (RGB 0..1, ImageNet mean and
     /// std) instead of a backbone's.
     #[arg(long, conflicts_with_all = ["weights", "prep"])]
@@ -62,23 +57,13 @@ fn main() -> Result<()> {
         println!("normalization: torchvision's ImageNet statistics");
         Normalize::imagenet()
     } else {
-        // The same default backbone as the training and speed programs.
-        let weights = args
-            .weights
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS));
-        let prep = args.prep.clone().or_else(|| {
-            (weights == Path::new(DEFAULT_WEIGHTS)).then(|| PathBuf::from(DEFAULT_PREP))
-        });
-        let device = parse_device("flex")?;
-        let options = LoadOptions {
-            prep,
-            ..Default::default()
-        };
-        let loaded = load_weights(&weights, &device, &options)
-            .with_context(|| format!("loading {}", weights.display()))?;
-        println!("normalization: {}", loaded.normalization.describe());
-        data_normalize(&loaded.normalization)
+        // The same default backbone, and the same load path, as the
+        // training and speed programs.
+        let device = args.backbone.run.device()?;
+        let loaded = args.backbone.load(&device)?;
+        let loaded = loaded.normalization();
+        println!("normalization: {}", loaded.describe());
+        data_normalize(loaded)
     };
     let images: Vec<RgbImage> = args
         .images

@@ -67,6 +67,8 @@ pub enum Unit {
     Images,
     /// Bytes, shown in MB with a rate in MB/s.
     Bytes,
+    /// Items of a phase (training batches' images), shown as a percentage.
+    Items,
 }
 
 /// Progress of one long piece of work (see the module header).
@@ -105,6 +107,7 @@ impl Progress {
                 Unit::Bytes => {
                     "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)"
                 }
+                Unit::Items => "{msg} [{bar:30}] {pos}/{len} ({eta} left)",
             };
             if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
                 bar.set_style(style.progress_chars("=> "));
@@ -126,7 +129,12 @@ impl Progress {
 
     /// Counts `n` more units done.
     pub fn advance(&mut self, n: u64) {
-        self.done += n;
+        self.set(self.done + n);
+    }
+
+    /// Sets the units done so far.
+    pub fn set(&mut self, done: u64) {
+        self.done = done;
         if let Some(bar) = &self.bar {
             bar.set_position(self.done);
             return;
@@ -165,6 +173,11 @@ impl Progress {
                 self.total.unwrap_or(self.done),
                 self.done as f64 / secs
             ),
+            Unit::Items => {
+                let total = self.total.unwrap_or(self.done);
+                let pct = 100 * self.done / total.max(1);
+                format!("{} {pct:>3}% ({}/{total})", self.label, self.done)
+            }
             Unit::Bytes => {
                 let mb = |b: u64| b as f64 / 1e6;
                 let rate = mb(self.done) / secs;

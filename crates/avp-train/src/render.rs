@@ -1,4 +1,5 @@
-//! Progress without a terminal: one short line per quarter of each phase,
+//! Progress without a terminal: burn-train's phases through
+//! `avp_model::report::Progress` (a line per quarter of each phase),
 //! instead of burn-train's debug dump. In a terminal, burn-train's
 //! dashboard is used instead.
 
@@ -15,9 +16,7 @@ use burn::train::renderer::{
 pub struct PlainRenderer {
     epoch: usize,
     epochs: usize,
-    split: String,
-    total: usize,
-    next_quarter: usize,
+    phase: Option<report::Progress>,
 }
 
 impl MetricsRendererTraining for PlainRenderer {
@@ -46,30 +45,30 @@ impl TrainingProgressLogger for PlainRenderer {
     }
 
     fn start_split(&mut self, split: &str, total_items: usize) {
-        self.split = if split.starts_with("train") {
-            "train".into()
+        let split = if split.starts_with("train") {
+            "train"
         } else {
-            "validation".into()
+            "validation"
         };
-        self.total = total_items;
-        self.next_quarter = 1;
+        let label = format!("  epoch {}/{} {split}", self.epoch, self.epochs);
+        self.phase = Some(report::Progress::new(
+            label,
+            report::Unit::Items,
+            Some(total_items as u64),
+        ));
     }
 
     fn update_split(&mut self, items_processed: usize) {
-        while self.next_quarter <= 3 && items_processed * 4 >= self.total * self.next_quarter {
-            report::info(format!(
-                "  epoch {}/{} {} {:>3}% ({items_processed}/{})",
-                self.epoch,
-                self.epochs,
-                self.split,
-                self.next_quarter * 25,
-                self.total
-            ));
-            self.next_quarter += 1;
+        if let Some(p) = &mut self.phase {
+            p.set(items_processed as u64);
         }
     }
 
-    fn end_split(&mut self) {}
+    fn end_split(&mut self) {
+        if let Some(p) = self.phase.take() {
+            p.finish();
+        }
+    }
     fn end(&mut self) {}
     fn log_event_training(&mut self, _event: String) {}
 }
