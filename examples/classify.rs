@@ -12,9 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use avp::data::{Rng, decode_rgb8};
-use avp::model::{
-    Backbone, BatchNormUse, DownloadOptions, LoadOptions, load_weights, resolve_weights,
-};
+use avp::model::{Backbone, BatchNormUse};
 use avp::train::{EvalTransform, eval_pipeline, load_model};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
@@ -97,21 +95,13 @@ fn main() -> Result<()> {
                 )
             }
             Err(trained_err) => {
-                let options = LoadOptions {
-                    prep: args.prep.clone(),
-                    ..Default::default()
-                };
-                let file = resolve_weights(
-                    &args.model.to_string_lossy(),
-                    &device,
-                    &DownloadOptions::default(),
-                )?;
-                let loaded = load_weights(&file, &device, &options).with_context(|| {
-                    format!(
-                        "{} is neither a trained model.bpk ({trained_err}) nor a weights file",
-                        args.model.display()
-                    )
-                })?;
+                let loaded = common::load_weights_file(&args.model, args.prep.clone(), &device)
+                    .with_context(|| {
+                        format!(
+                            "{} is neither a trained model.bpk ({trained_err}) nor a weights file",
+                            args.model.display()
+                        )
+                    })?;
                 let Some(n) = loaded.config.num_classes else {
                     bail!(
                         "{} is a headless backbone ({} features): it has no classes to predict; train a head on it first \

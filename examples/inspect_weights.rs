@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use avp::model::{DownloadOptions, LoadOptions, load_weights, npy, resolve_weights};
+use avp::model::{LoadOptions, load_weights, npy};
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
@@ -48,17 +48,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     common::print_library_messages();
     let device = args.run.device()?;
-    let options = LoadOptions {
-        prep: args.prep.clone(),
-        ..Default::default()
-    };
     let started = std::time::Instant::now();
-    let file = resolve_weights(
-        &args.file.to_string_lossy(),
-        &device,
-        &DownloadOptions::default(),
-    )?;
-    let loaded = load_weights(&file, &device, &options)?;
+    let loaded = common::load_weights_file(&args.file, args.prep.clone(), &device)?;
     let load_seconds = started.elapsed().as_secs_f64();
     if let Some(out) = &args.convert {
         avp::model::save_native(

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use avp::model::{
-    Backbone, DownloadOptions, Kernels, LoadOptions, compiled_backends, load_weights, parse_device,
-    report, resolve_weights,
+    Backbone, DownloadOptions, Kernels, LoadOptions, LoadedModel, compiled_backends, load_weights,
+    parse_device, report, resolve_weights,
 };
 use avp::train::{Augmentation, BnMode, EvalTransform, TrainConfig};
 use burn::tensor::Device;
@@ -106,19 +106,29 @@ impl BackboneArgs {
             (weights == Path::new(DEFAULT_WEIGHTS) && Path::new(DEFAULT_PREP).exists())
                 .then(|| PathBuf::from(DEFAULT_PREP))
         });
-        let file = resolve_weights(
-            &weights.to_string_lossy(),
-            device,
-            &DownloadOptions::default(),
-        )?;
-        let options = LoadOptions {
-            prep,
-            ..Default::default()
-        };
-        let loaded = load_weights(&file, device, &options)
-            .with_context(|| format!("loading the backbone {}", weights.display()))?;
+        let loaded = load_weights_file(weights, prep, device)?;
         Ok(Backbone::from(loaded).with_kernels(self.run.kernels())?)
     }
+}
+
+/// A weights file or a known name (downloaded once into the cache),
+/// loaded with `prep` when given: the load path every example shares.
+pub fn load_weights_file(
+    weights: &Path,
+    prep: Option<PathBuf>,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let file = resolve_weights(
+        &weights.to_string_lossy(),
+        device,
+        &DownloadOptions::default(),
+    )?;
+    let options = LoadOptions {
+        prep,
+        ..Default::default()
+    };
+    load_weights(&file, device, &options)
+        .with_context(|| format!("loading the backbone {}", weights.display()))
 }
 
 /// The feature cache.
