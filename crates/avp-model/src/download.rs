@@ -36,7 +36,8 @@ pub struct DownloadOptions {
     pub mirror: Option<String>,
     /// Give up when no byte arrives for this long.
     pub read_timeout: Duration,
-    /// Progress lines on standard error.
+    /// Report progress and notes (through `crate::report`, which prints
+    /// nothing unless the application installed a listener).
     pub progress: bool,
     /// Folders searched for an already downloaded file of the same name
     /// before downloading (default: [`torch_hub_dirs`]).

@@ -45,7 +45,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Give up when no byte arrives for this long.
     pub read_timeout: Duration,
-    /// Progress lines on standard error.
+    /// Report progress and notes (through `crate::report`, which prints
+    /// nothing unless the application installed a listener).
     pub progress: bool,
 }
 
