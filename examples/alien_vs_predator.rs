@@ -1,8 +1,10 @@
 //! The lesson: a frozen ImageNet ResNet, a new head, 5 epochs on the Alien
 //! vs Predator photos, then the probabilities of three validation images.
+//! With `--finetune layer4` the backbone's last stage trains too.
 //!
 //! ```text
 //! cargo run --example alien_vs_predator                 # offline, on the committed defaults
+//! cargo run --example alien_vs_predator -- --finetune layer4
 //! cargo run --example alien_vs_predator -- --help
 //! ```
 
@@ -102,6 +104,7 @@ fn main() -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     println!("backbone: {}", backbone.config().describe());
     println!("input:    {}", backbone.normalization().describe());
+    println!("training: {}", avp::train::finetune::describe(&config));
     let policy = OutputPolicy {
         overwrite: args.overwrite,
         restart: args.restart,

@@ -42,6 +42,10 @@ struct Args {
     /// provenance included) and time its reload.
     #[arg(long, value_name = "OUT.bpk")]
     convert: Option<PathBuf>,
+    /// Write the network as a PyTorch state dict (safetensors, torchvision's
+    /// names and layouts), for torchvision's ResNet of the same blocks
+    #[arg(long, value_name = "OUT.safetensors")]
+    export_torchvision: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -72,6 +76,42 @@ fn main() -> Result<()> {
                 .map(|m| m.len() as f64 / 1e6)
                 .unwrap_or(0.0)
         );
+    }
+    if let Some(out) = &args.export_torchvision {
+        avp::model::weights::save_torchvision(&loaded.model, out)?;
+        let c = &loaded.config;
+        let block = match c.block {
+            avp::model::BlockKind::Basic => "BasicBlock",
+            avp::model::BlockKind::Bottleneck => "Bottleneck",
+        };
+        eprintln!(
+            "wrote {}: in PyTorch, torchvision.models.resnet.ResNet(torchvision.models.resnet.{block}, {:?}{})\
+             .load_state_dict(safetensors.torch.load_file(...), strict=False)",
+            out.display(),
+            c.layers,
+            c.num_classes
+                .map(|n| format!(", num_classes={n}"))
+                .unwrap_or_default()
+        );
+        if c.padding != avp::model::PaddingStyle::Symmetric || c.final_pool_window.is_some() {
+            eprintln!(
+                "note: this network pads begin-heavy or pools a fixed window; torchvision's ResNet computes the same at 224x224 \
+                 (any multiple of 32) only"
+            );
+        }
+        if c.block == avp::model::BlockKind::Bottleneck
+            && c.stride_on == avp::model::StridePlacement::Conv1x1
+        {
+            eprintln!(
+                "note: this network strides on the first 1x1 convolution; torchvision's Bottleneck strides on the 3x3"
+            );
+        }
+        if (c.bn_epsilon - 1e-5).abs() > 1e-12 {
+            eprintln!(
+                "note: this network's BatchNorm epsilon is {}; set it on every BatchNorm2d (torchvision's is 1e-5)",
+                c.bn_epsilon
+            );
+        }
     }
     let c = &loaded.config;
     let p = &loaded.provenance;

@@ -11,7 +11,7 @@ use avp::model::{
     Backbone, DownloadOptions, Kernels, LoadOptions, LoadedModel, compiled_backends, load_weights,
     parse_device, report, resolve_weights,
 };
-use avp::train::{Augmentation, BnMode, EvalTransform, TrainConfig};
+use avp::train::{Augmentation, BnMode, EvalTransform, OptimizerKind, TrainConfig, parse_stages};
 use burn::tensor::Device;
 use clap::ValueEnum;
 
@@ -192,6 +192,15 @@ pub enum BnArg {
     Lesson,
 }
 
+/// The optimiser.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OptimizerArg {
+    /// Adam (betas 0.9, 0.999; epsilon 1e-8), the lesson's
+    Adam,
+    /// SGD, with --momentum
+    Sgd,
+}
+
 /// The training recipe.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -201,9 +210,33 @@ pub struct TrainArgs {
     /// Batch size
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Adam learning rate
+    /// Learning rate (of the head, when fine-tuning)
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Fine-tune the backbone's last stages with the head: stage names
+    /// separated by commas, up to layer4 (layer4; layer3,layer4), or all
+    /// (the stem too). Default: the whole backbone is frozen
+    #[arg(long, value_name = "STAGES")]
+    pub finetune: Option<String>,
+    /// Learning rate of the fine-tuned stages (default 1e-4; needs --finetune)
+    #[arg(long, value_name = "LR")]
+    pub backbone_lr: Option<f64>,
+    /// Optimiser
+    #[arg(long, value_enum, default_value = "adam")]
+    pub optimizer: OptimizerArg,
+    /// SGD momentum, as PyTorch's (dampening 0); needs --optimizer sgd
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// L2 weight decay, added to the gradients as PyTorch's Adam and SGD do
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Multiply the learning rates by --lr-gamma every EPOCHS epochs
+    /// (PyTorch's StepLR)
+    #[arg(long, value_name = "EPOCHS")]
+    pub lr_step: Option<usize>,
+    /// The factor of --lr-step (default 0.1)
+    #[arg(long, value_name = "G")]
+    pub lr_gamma: Option<f64>,
     /// BatchNorm behaviour of the frozen backbone while training
     #[arg(long, value_enum, default_value = "frozen")]
     pub bn_mode: BnArg,
@@ -244,6 +277,15 @@ impl TrainArgs {
                  or add --no-augment to cache one plain view per image"
             );
         }
+        if self.lr_gamma.is_some() && self.lr_step.is_none() {
+            bail!(
+                "--lr-gamma is the factor of --lr-step: add --lr-step EPOCHS, or drop --lr-gamma"
+            );
+        }
+        let finetune = match &self.finetune {
+            Some(list) => parse_stages(list)?,
+            None => Vec::new(),
+        };
         let config = TrainConfig::new()
             .with_epochs(self.epochs)
             .with_batch_size(self.batch_size)
@@ -267,7 +309,17 @@ impl TrainArgs {
             .with_cache_views(cache.cache_views.unwrap_or(1))
             .with_cache_dir(cache.cache_dir.clone())
             .with_cache_max_gb(cache.cache_max_gb)
-            .with_follow_links(self.follow_links);
+            .with_follow_links(self.follow_links)
+            .with_finetune(finetune)
+            .with_backbone_lr(self.backbone_lr)
+            .with_optimizer(match self.optimizer {
+                OptimizerArg::Adam => OptimizerKind::Adam,
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+            })
+            .with_momentum(self.momentum.unwrap_or(0.0))
+            .with_weight_decay(self.weight_decay)
+            .with_lr_step(self.lr_step)
+            .with_lr_gamma(self.lr_gamma.unwrap_or(0.1));
         config.validate()?;
         Ok(config)
     }

@@ -24,7 +24,7 @@ use crate::device::is_flex;
 use crate::error::ModelError;
 use crate::fused::FusedResNet;
 use crate::normalization::Normalization;
-use crate::resnet::{Block, ResNet, ResNetConfig, global_pool};
+use crate::resnet::{ResNet, ResNetConfig, Stage, global_pool};
 use crate::weights::{LoadedModel, Provenance};
 
 /// Which kernels run a backbone's forward pass.
@@ -249,6 +249,36 @@ impl Backbone {
         f
     }
 
+    /// The feature map entering `stage` (the images themselves for the
+    /// stem), off the autodiff tape, on the device of `images`: the frozen
+    /// prefix of a network whose later stages are fine-tuned. Runs as
+    /// [`Backbone::features`] does (the folded network and the fused path
+    /// where they apply).
+    pub fn feature_map_before(
+        &self,
+        images: Tensor<4>,
+        stage: Stage,
+        bn: BatchNormUse,
+    ) -> Tensor<4> {
+        let images = images.without_autodiff();
+        if stage == Stage::Stem {
+            return images;
+        }
+        let blocks = self.network.blocks_before(stage);
+        let forms = self.forms(&images.device());
+        let map = match bn {
+            BatchNormUse::Folded => {
+                let folded = self.folded(&forms);
+                run_map(&folded.network, folded.fused.as_ref(), images, bn, blocks)
+            }
+            _ => run_map(&forms.network, self.fused_live(&forms), images, bn, blocks),
+        };
+        if bn == BatchNormUse::Batch {
+            *forms.folded.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        map
+    }
+
     /// Logits of the stored `fc` layer (ImageNet's, for a full network),
     /// or the pooled features of a headless one: [`ResNet::forward`] run
     /// as this backbone runs.
@@ -334,32 +364,32 @@ fn run(
     if let Some(f) = fused.and_then(|p| p.forward_features(net, images.clone(), bn)) {
         return f;
     }
-    global_pool(feature_map(net, images, bn))
+    global_pool(feature_map(net, images, bn, usize::MAX))
+}
+
+fn run_map(
+    net: &ResNet,
+    fused: Option<&FusedResNet>,
+    images: Tensor<4>,
+    bn: BatchNormUse,
+    blocks: usize,
+) -> Tensor<4> {
+    if let Some(m) = fused.and_then(|p| p.forward_map(net, images.clone(), bn, blocks)) {
+        return m;
+    }
+    feature_map(net, images, bn, blocks)
 }
 
 /// The feature map before pooling through Burn's modules, BatchNorm used
 /// as `bn` says.
-fn feature_map(net: &ResNet, images: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+/// The stem and the first `blocks` residual blocks on Burn's modules.
+fn feature_map(net: &ResNet, images: Tensor<4>, bn: BatchNormUse, blocks: usize) -> Tensor<4> {
     let x = relu(batch_norm(&net.bn1, net.conv1.forward(images), bn));
     let mut x = net.maxpool.forward(x);
-    for block in net.blocks() {
-        x = block_forward(block, x, bn);
+    for block in net.blocks().take(blocks) {
+        x = block.forward_with(x, bn);
     }
     x
-}
-
-/// [`Block::forward`] with a choice of BatchNorm use.
-fn block_forward(block: &Block, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
-    let identity = match &block.downsample {
-        Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
-        None => x.clone(),
-    };
-    let mut out = relu(batch_norm(&block.bn1, block.conv1.forward(x), bn));
-    out = batch_norm(&block.bn2, block.conv2.forward(out), bn);
-    if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
-        out = batch_norm(bn3, conv3.forward(relu(out)), bn);
-    }
-    relu(out + identity)
 }
 
 #[cfg(all(test, feature = "flex"))]
@@ -436,5 +466,57 @@ mod tests {
                 "flex (fused) vs ndarray (Burn's modules): {diff}"
             );
         }
+    }
+
+    fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        let a = a.into_data().try_to_vec::<f32>().unwrap();
+        let b = b.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    }
+
+    #[test]
+    fn a_frozen_prefix_and_the_stages_after_it_give_the_whole_network() {
+        let cfg = ResNetConfig::new(BlockKind::Bottleneck, [1, 2, 1, 2])
+            .with_widths([4, 4, 8, 8])
+            .with_stem_width(8)
+            .with_num_classes(None);
+        let net = cfg.init(&Device::flex());
+        let x = Tensor::<4>::random(
+            [2, 3, 64, 64],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &Device::flex(),
+        );
+        for kernels in [Kernels::Fused, Kernels::Burn] {
+            let backbone = Backbone::in_memory(net.clone(), cfg.clone())
+                .with_kernels(kernels)
+                .unwrap();
+            let whole = backbone.features(x.clone(), BatchNormUse::Running);
+            for stage in Stage::ALL {
+                let prefix = backbone.feature_map_before(x.clone(), stage, BatchNormUse::Folded);
+                let tail = net.stages_from(stage);
+                assert_eq!(tail.first(), Some(stage));
+                let ours = global_pool(tail.forward_map(prefix, BatchNormUse::Running));
+                let d = max_diff(whole.clone(), ours);
+                assert!(d < 1e-4, "{kernels}, from {stage}: {d}");
+            }
+        }
+        // Putting the stages back gives the same network.
+        let back = net
+            .clone()
+            .with_stages(net.stages_from(Stage::Layer3))
+            .unwrap();
+        assert_eq!(back.blocks().count(), net.blocks().count());
+        let other = ResNetConfig::new(BlockKind::Bottleneck, [1, 2, 1, 2])
+            .with_widths([4, 4, 16, 8])
+            .with_stem_width(8)
+            .init(&Device::flex());
+        let e = net
+            .with_stages(other.stages_from(Stage::Layer3))
+            .unwrap_err();
+        assert!(e.to_string().contains("layer3"), "{e}");
     }
 }

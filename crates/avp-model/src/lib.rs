@@ -68,7 +68,8 @@ pub use fill::fill;
 pub use fused::FusedResNet;
 pub use normalization::{ChannelOrder, EvalCrop, Normalization, NormalizationSource, ValueRange};
 pub use resnet::{
-    Block, BlockKind, ConvSite, Downsample, PaddingStyle, ResNet, ResNetConfig, StridePlacement,
+    Block, BlockKind, ConvSite, Downsample, PaddingStyle, ResNet, ResNetConfig, ResNetStages,
+    Stage, Stem, StridePlacement,
 };
 pub use weights::{
     KnownWeights, LoadOptions, LoadedModel, Provenance, WeightFormat, load_weights, manifest,

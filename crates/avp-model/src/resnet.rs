@@ -18,6 +18,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use crate::batchnorm::{BatchNormUse, batch_norm};
 use crate::error::ModelError;
 
 /// The residual block kind.
@@ -397,6 +398,160 @@ impl Block {
         }
         relu(out + identity)
     }
+
+    /// [`Block::forward`] with the BatchNorm layers run as `bn` says (see
+    /// [`BatchNormUse`]).
+    pub fn forward_with(&self, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
+            None => x.clone(),
+        };
+        let mut out = relu(batch_norm(&self.bn1, self.conv1.forward(x), bn));
+        out = batch_norm(&self.bn2, self.conv2.forward(out), bn);
+        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
+            out = batch_norm(bn3, conv3.forward(relu(out)), bn);
+        }
+        relu(out + identity)
+    }
+}
+
+/// A stage of a ResNet, in forward order: the stem (`conv1`, `bn1`, the
+/// max pool), then `layer1` … `layer4`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// `conv1`, `bn1` and the max pool.
+    Stem,
+    /// `layer1`.
+    Layer1,
+    /// `layer2`.
+    Layer2,
+    /// `layer3`.
+    Layer3,
+    /// `layer4`.
+    Layer4,
+}
+
+impl Stage {
+    /// Every stage, in forward order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Stem,
+        Stage::Layer1,
+        Stage::Layer2,
+        Stage::Layer3,
+        Stage::Layer4,
+    ];
+
+    /// The module name: `stem`, `layer1` … `layer4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Stem => "stem",
+            Stage::Layer1 => "layer1",
+            Stage::Layer2 => "layer2",
+            Stage::Layer3 => "layer3",
+            Stage::Layer4 => "layer4",
+        }
+    }
+
+    /// The residual stage index (0 for `layer1`), `None` for the stem.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Stage::Stem => None,
+            other => Some(other as usize - 1),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Stage {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.name() == t)
+            .ok_or_else(|| {
+                ModelError::Unsupported(format!(
+                    "unknown stage `{}`: the stages of a ResNet are stem, layer1, layer2, layer3 and layer4",
+                    s.trim()
+                ))
+            })
+    }
+}
+
+/// The stem of a ResNet as a module of its own.
+#[derive(Module, Debug)]
+pub struct Stem {
+    /// Stem convolution.
+    pub conv1: Conv2d,
+    /// Stem BatchNorm.
+    pub bn1: BatchNorm,
+    /// Stem max pool.
+    pub maxpool: MaxPool2d,
+}
+
+/// The last stages of a ResNet, from one stage to the end of `layer4`, as
+/// a module of their own: what fine-tuning trains while the stages before
+/// stay frozen. Stages before the first are absent (`None`, empty).
+#[derive(Module, Debug)]
+pub struct ResNetStages {
+    /// The stem, when it is one of the stages.
+    pub stem: Option<Stem>,
+    /// `layer1`'s blocks, or empty.
+    pub layer1: Vec<Block>,
+    /// `layer2`'s blocks, or empty.
+    pub layer2: Vec<Block>,
+    /// `layer3`'s blocks, or empty.
+    pub layer3: Vec<Block>,
+    /// `layer4`'s blocks, or empty.
+    pub layer4: Vec<Block>,
+}
+
+impl ResNetStages {
+    /// The first stage held (`None` when empty).
+    pub fn first(&self) -> Option<Stage> {
+        if self.stem.is_some() {
+            return Some(Stage::Stem);
+        }
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .iter()
+            .position(|l| !l.is_empty())
+            .map(|i| Stage::ALL[i + 1])
+    }
+
+    /// The stages held, in order.
+    pub fn stages(&self) -> Vec<Stage> {
+        self.first()
+            .map(|f| Stage::ALL.into_iter().filter(|s| *s >= f).collect())
+            .unwrap_or_default()
+    }
+
+    /// The feature map after `layer4`, from the map entering the first
+    /// stage held (the images, when the stem is held), BatchNorm as `bn`
+    /// says.
+    pub fn forward_map(&self, mut x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        if let Some(stem) = &self.stem {
+            x = relu(batch_norm(&stem.bn1, stem.conv1.forward(x), bn));
+            x = stem.maxpool.forward(x);
+        }
+        for block in self
+            .layer1
+            .iter()
+            .chain(&self.layer2)
+            .chain(&self.layer3)
+            .chain(&self.layer4)
+        {
+            x = block.forward_with(x, bn);
+        }
+        x
+    }
 }
 
 /// A ResNet: stem, four stages of residual blocks, global average pool and
@@ -451,6 +606,91 @@ impl ResNet {
             .chain(self.layer2.iter_mut())
             .chain(self.layer3.iter_mut())
             .chain(self.layer4.iter_mut())
+    }
+
+    /// Residual blocks that run before `stage` (0 for the stem and `layer1`).
+    pub fn blocks_before(&self, stage: Stage) -> usize {
+        let counts = [
+            self.layer1.len(),
+            self.layer2.len(),
+            self.layer3.len(),
+            self.layer4.len(),
+        ];
+        counts[..stage.layer().unwrap_or(0)].iter().sum()
+    }
+
+    /// A copy of the stages from `first` to the end of `layer4` (see
+    /// [`ResNetStages`]).
+    pub fn stages_from(&self, first: Stage) -> ResNetStages {
+        let take = |stage: Stage, blocks: &Vec<Block>| {
+            if stage >= first {
+                blocks.clone()
+            } else {
+                Vec::new()
+            }
+        };
+        ResNetStages {
+            stem: (first == Stage::Stem).then(|| Stem {
+                conv1: self.conv1.clone(),
+                bn1: self.bn1.clone(),
+                maxpool: self.maxpool.clone(),
+            }),
+            layer1: take(Stage::Layer1, &self.layer1),
+            layer2: take(Stage::Layer2, &self.layer2),
+            layer3: take(Stage::Layer3, &self.layer3),
+            layer4: take(Stage::Layer4, &self.layer4),
+        }
+    }
+
+    /// This network with the stages `stages` holds put in place of its
+    /// own (the inverse of [`ResNet::stages_from`]); refused when a stage
+    /// does not have this network's shape.
+    pub fn with_stages(mut self, stages: ResNetStages) -> Result<Self, ModelError> {
+        let ResNetStages {
+            stem,
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+        } = stages;
+        if let Some(stem) = stem {
+            if stem.conv1.weight.lazy_shape().dims::<4>()
+                != self.conv1.weight.lazy_shape().dims::<4>()
+            {
+                return Err(ModelError::InvalidConfig(
+                    "the trained stem does not have this network's shape".into(),
+                ));
+            }
+            self.conv1 = stem.conv1;
+            self.bn1 = stem.bn1;
+            self.maxpool = stem.maxpool;
+        }
+        for (stage, (mine, theirs)) in [
+            (&mut self.layer1, layer1),
+            (&mut self.layer2, layer2),
+            (&mut self.layer3, layer3),
+            (&mut self.layer4, layer4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if theirs.is_empty() {
+                continue;
+            }
+            let same = theirs.len() == mine.len()
+                && theirs.iter().zip(mine.iter()).all(|(a, b)| {
+                    a.conv1.weight.lazy_shape().dims::<4>()
+                        == b.conv1.weight.lazy_shape().dims::<4>()
+                });
+            if !same {
+                return Err(ModelError::InvalidConfig(format!(
+                    "the trained {} does not have this network's shape",
+                    ConvSite::stage(stage)
+                )));
+            }
+            *mine = theirs;
+        }
+        Ok(self)
     }
 
     /// The headless backbone: globally average-pooled features `[N, F]`.

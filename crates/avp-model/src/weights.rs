@@ -452,6 +452,24 @@ pub fn save_native(
     crate::pack::save(model, &metadata, path)
 }
 
+/// Writes `model` as a PyTorch state dict in safetensors, with
+/// torchvision's names (`layer2.0.downsample.0.weight`, `bn1.running_var`)
+/// and PyTorch's layouts, atomically: what `load_state_dict` of a
+/// torchvision ResNet with the same blocks takes (with `strict=False` for a
+/// headless network, which has no `fc`, and for `num_batches_tracked`,
+/// which avp does not keep). [`load_weights`] reads it back.
+pub fn save_torchvision(model: &ResNet, path: &Path) -> Result<(), ModelError> {
+    crate::atomic::write_with(path, |partial| {
+        let mut store = SafetensorsStore::from_file(partial)
+            .with_to_adapter(burn::store::BurnToPyTorchAdapter)
+            .with_key_remapping(r"(.*)\.downsample\.conv\.(.*)", "$1.downsample.0.$2")
+            .with_key_remapping(r"(.*)\.downsample\.bn\.(.*)", "$1.downsample.1.$2");
+        model
+            .save_into(&mut store)
+            .map_err(|e| store_err(path, format!("cannot write: {e}")))
+    })
+}
+
 fn load_native(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
     let bytes = read(path)?;
     let sha256 = sha256_hex(&bytes);

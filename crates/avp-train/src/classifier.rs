@@ -1,4 +1,6 @@
-//! `Classifier` = a frozen [`Backbone`] + a trainable head.
+//! `Classifier` = a frozen [`Backbone`] + a trainable head, and, when
+//! fine-tuning, the backbone's last stages as trainable Burn modules
+//! ([`ResNetStages`]) between the two.
 //!
 //! The backbone runs on the *inner* device (never on the autodiff tape):
 //! [`Backbone::features`] takes images off autodiff, and the pooled
@@ -8,11 +10,19 @@
 //! the optimizer's reach and out of every checkpoint of the head. How it
 //! runs (folded, fused) is the backbone's business; which BatchNorm use
 //! each phase asks for is [`BnMode::batchnorm_use`].
+//!
+//! Fine-tuning splits the backbone at a stage boundary: the frozen prefix
+//! runs as above (off the tape, folded, fused on flex) and returns the
+//! feature map entering the first trained stage; the trained stages run on
+//! the tape with batch statistics and PyTorch's running update while
+//! training, and with their running statistics in validation (PyTorch's
+//! `model.train()` / `model.eval()` for a trained layer).
 
 use std::sync::Arc;
 
 use avp_data::ImageBatch;
-use avp_model::{Backbone, BatchNormUse};
+use avp_model::resnet::global_pool;
+use avp_model::{Backbone, BatchNormUse, ResNetStages, Stage};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -146,11 +156,15 @@ impl BnMode {
 #[derive(Clone, Debug)]
 pub struct FrozenBackbone(pub Arc<Backbone>);
 
-/// A frozen backbone and a trainable head.
+/// A frozen backbone and a trainable head, with the backbone's last
+/// stages trained too when fine-tuning.
 #[derive(Module, Debug)]
 pub struct Classifier {
     /// The trainable head.
     pub head: Head,
+    /// The fine-tuned stages, which replace the backbone's own from their
+    /// first stage on; `None` when the whole backbone is frozen.
+    pub trained_stages: Option<ResNetStages>,
     /// The frozen backbone, on the inner (non-autodiff) device.
     #[module(skip)]
     pub backbone: FrozenBackbone,
@@ -171,9 +185,56 @@ impl Classifier {
         }
         Ok(Self {
             head,
+            trained_stages: None,
             backbone: FrozenBackbone(backbone),
             bn_mode,
         })
+    }
+
+    /// The same classifier with the backbone's stages from `first` on
+    /// trained too (fine-tuning): a copy of them, on `device` (the inner
+    /// device of training), with gradients on.
+    pub fn with_trained_stages(mut self, first: Stage, device: &Device) -> Self {
+        let device = device.clone().without_autodiff();
+        let stages = self
+            .backbone
+            .0
+            .network()
+            .stages_from(first)
+            .to_device(&device)
+            .unfreeze()
+            .train();
+        self.trained_stages = Some(stages);
+        self
+    }
+
+    /// The stages being fine-tuned (empty when the backbone is frozen).
+    pub fn finetuned(&self) -> Vec<Stage> {
+        self.trained_stages
+            .as_ref()
+            .map(ResNetStages::stages)
+            .unwrap_or_default()
+    }
+
+    /// The classifier with its fine-tuned stages put back into its
+    /// backbone: a frozen backbone and a head that compute what this one
+    /// computes in validation (running statistics), ready to save, fold
+    /// and fuse. Unchanged when nothing is fine-tuned.
+    pub fn merged(self) -> Result<Self, TrainError> {
+        let Some(stages) = self.trained_stages else {
+            return Ok(self);
+        };
+        let old = &self.backbone.0;
+        let stages = stages.valid().to_device(&old.device());
+        let network = old.network().clone().with_stages(stages)?;
+        let backbone = Backbone::new(
+            network,
+            old.config().clone(),
+            old.provenance().clone(),
+            old.normalization().clone(),
+        )
+        .with_kernels(old.kernels())?;
+        Classifier::new(Arc::new(backbone), self.head, self.bn_mode)
     }
 
     /// Pooled backbone features, computed off the tape and returned on the
@@ -186,11 +247,20 @@ impl Classifier {
     /// [`BnMode::batchnorm_use`]).
     pub fn features_in_phase(&self, images: Tensor<4>, train: bool) -> Tensor<2> {
         let on_tape = images.is_autodiff();
-        let f = self
-            .backbone
-            .0
-            .features(images, self.bn_mode.batchnorm_use(train));
-        if on_tape { f.autodiff() } else { f }
+        let frozen = self.bn_mode.batchnorm_use(train);
+        let Some(stages) = &self.trained_stages else {
+            let f = self.backbone.0.features(images, frozen);
+            return if on_tape { f.autodiff() } else { f };
+        };
+        let first = stages.first().unwrap_or(Stage::Layer4);
+        let map = self.backbone.0.feature_map_before(images, first, frozen);
+        let map = if on_tape { map.autodiff() } else { map };
+        let bn = if train {
+            BatchNormUse::Batch
+        } else {
+            BatchNormUse::Running
+        };
+        global_pool(stages.forward_map(map, bn))
     }
 
     /// Logits for images.
@@ -198,7 +268,8 @@ impl Classifier {
         self.head.forward(self.features(images))
     }
 
-    /// Softmax probabilities for images, off the tape.
+    /// Softmax probabilities for images, off the tape (a classifier in
+    /// validation mode: see `Module::valid`).
     pub fn probabilities(&self, images: Tensor<4>) -> Tensor<2> {
         burn::tensor::activation::softmax(self.forward(images.without_autodiff()), 1)
     }

@@ -1,14 +1,16 @@
 //! # avp-train
 //!
-//! Frozen-backbone transfer learning through burn-train's `Learner`: a
-//! [`Classifier`] made of a frozen ResNet (kept off the autodiff tape) and
-//! a trainable head, trained on an image folder with the lesson's recipe.
+//! Transfer learning through burn-train's `Learner`: a [`Classifier`] made
+//! of a frozen ResNet (kept off the autodiff tape) and a trainable head,
+//! trained on an image folder with the lesson's recipe; or, fine-tuning,
+//! with the backbone's last stages trained too.
 //!
 //! Where things are: `classifier.rs` (the classifier, the head, and
 //! [`BnMode`]: which `BatchNormUse` each phase asks of the backbone),
 //! `train.rs` (the run: splits, resume, burn-train's `Learner`, the image
 //! and the cached paths), `cache.rs` (feature cache files and loader),
-//! `artifacts.rs` ([`TrainedModel`], `model.bpk`, predictions), `metrics.rs`
+//! `finetune.rs` (which stages train; the optimiser, learning rates and
+//! step schedule), `artifacts.rs` ([`TrainedModel`], `model.bpk`, predictions), `metrics.rs`
 //! (epoch metrics, `metrics.csv`), `plot.rs` (the figures), `output.rs`
 //! (what a run may write and remove). The epoch metrics are computed in
 //! one place, `metrics.rs`, by burn-train's metric machinery, and read by
@@ -21,6 +23,7 @@ pub mod bridge;
 pub mod cache;
 pub mod classifier;
 mod error;
+pub mod finetune;
 pub mod metrics;
 pub mod output;
 pub mod plot;
@@ -33,6 +36,7 @@ pub use burn::train::ExecutionStrategy;
 pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
 pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
+pub use finetune::{OptimizerKind, parse_stages};
 pub use metrics::{EpochMetrics, lesson_lines, read_metrics_csv};
 pub use plot::{plot_curves, plot_predictions};
 pub use train::{

@@ -12,7 +12,6 @@ use avp_data::{ImageDataset, ImageFolder, OpenOptions, OrderedLoader, Pipeline, 
 use avp_model::Backbone;
 use burn::config::Config;
 use burn::data::dataloader::DataLoader;
-use burn::optim::AdamConfig;
 use burn::tensor::Device;
 use burn::train::logger::TrainingProgressLogger;
 use burn::train::{
@@ -25,6 +24,7 @@ use crate::bridge::{data_normalize, eval_pipeline};
 use crate::cache::{CacheOrigin, FeatureJob, FeatureLoader};
 use crate::classifier::{BnMode, CachedHead, Classifier, HeadConfig};
 use crate::error::{TrainError, write_err};
+use crate::finetune::OptimizerKind;
 use crate::metrics::{
     EpochMetrics, EpochRecord, LessonMetric, Phase, append_csv, lesson_lines, read_metrics_csv,
     truncate_metrics,
@@ -41,7 +41,7 @@ pub struct TrainConfig {
     /// Batch size (the lesson: 32).
     #[config(default = 32)]
     pub batch_size: usize,
-    /// Adam learning rate (PyTorch's default, 1e-3).
+    /// Learning rate of the head (Adam's default in PyTorch, 1e-3).
     #[config(default = 1e-3)]
     pub lr: f64,
     /// Seed of the head's initialisation, the shuffling and the augmentation.
@@ -84,6 +84,32 @@ pub struct TrainConfig {
     /// The validation (and prediction) transform.
     #[config(default = "EvalTransform::Auto")]
     pub eval_transform: EvalTransform,
+    /// Backbone stages trained with the head (fine-tuning), ending with
+    /// `layer4` (see [`crate::finetune::parse_stages`]); empty: the whole
+    /// backbone stays frozen, as in the lesson.
+    #[config(default = "Vec::new()")]
+    pub finetune: Vec<avp_model::Stage>,
+    /// Learning rate of the fine-tuned stages (`None`:
+    /// [`crate::finetune::DEFAULT_BACKBONE_LR`]); only with `finetune`.
+    #[config(default = "None")]
+    pub backbone_lr: Option<f64>,
+    /// The optimiser (the lesson: Adam).
+    #[config(default = "OptimizerKind::Adam")]
+    pub optimizer: OptimizerKind,
+    /// SGD's momentum (PyTorch's, dampening 0); 0 for plain SGD.
+    #[config(default = 0.0)]
+    pub momentum: f64,
+    /// L2 weight decay, added to the gradients as PyTorch's Adam and SGD
+    /// do.
+    #[config(default = 0.0)]
+    pub weight_decay: f64,
+    /// Multiply the learning rates by `lr_gamma` every `lr_step` epochs
+    /// (PyTorch's `StepLR`); `None`: constant rates.
+    #[config(default = "None")]
+    pub lr_step: Option<usize>,
+    /// The factor of the step schedule.
+    #[config(default = 0.1)]
+    pub lr_gamma: f64,
 }
 
 /// The training augmentation (with `augment` on).
@@ -172,7 +198,7 @@ impl TrainConfig {
                 self.cache_max_gb
             )));
         }
-        Ok(())
+        crate::finetune::validate(self)
     }
 }
 
@@ -428,6 +454,8 @@ struct Run<'a> {
     strategy: ExecutionStrategy,
     resume: Option<usize>,
     done: Vec<EpochMetrics>,
+    /// Optimiser steps per epoch (for the step schedule).
+    batches: usize,
 }
 
 /// Why a run that burn-train returned from did not finish, if it did not:
@@ -504,9 +532,8 @@ where
         phase_started: Instant::now(),
         phase_seconds: (0.0, 0.0),
     };
-    // PyTorch's Adam: betas 0.9/0.999 and epsilon 1e-8 (Burn's default epsilon is 1e-5).
-    let adam = AdamConfig::new().with_epsilon(1e-8);
-    let learner = Learner::new(model, adam.init(), run.config.lr);
+    let schedule = crate::finetune::schedule(run.config, run.batches)?;
+    let learner = Learner::new(model, crate::finetune::optimizer(run.config), schedule);
     let mut training = SupervisedTraining::new(run.out_dir, train_loader, valid_loader)
         .metric_train_numeric(metric(true, Phase::Train))
         .metric_train_numeric(metric(false, Phase::Train))
@@ -672,6 +699,7 @@ pub fn train_with_policy(
         strategy,
         resume,
         done,
+        batches: job.folders.0.len().div_ceil(config.batch_size),
     };
     let (model, epochs, cache) = if config.feature_cache {
         train_cached(job, run)?
@@ -680,7 +708,9 @@ pub fn train_with_policy(
     };
     let outcome = TrainOutcome {
         model: TrainedModel {
-            classifier: model,
+            // Fine-tuned stages go back into the backbone: what model.bpk
+            // holds and predictions run.
+            classifier: model.merged()?,
             classes,
             normalization,
         },
@@ -898,7 +928,10 @@ fn train_images(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     let train_ds = ImageDataset::new(train_folder, train_pipeline, config.seed);
     let valid_ds = ImageDataset::new(valid_folder, eval.clone(), config.seed);
     train_ds.set_epoch(start_epoch);
-    let model = Classifier::new(Arc::clone(backbone), head, config.bn_mode)?;
+    let mut model = Classifier::new(Arc::clone(backbone), head, config.bn_mode)?;
+    if let Some(&first) = config.finetune.first() {
+        model = model.with_trained_stages(first, &inner);
+    }
     let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
     train_loader.set_epoch(start_epoch);
     let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);

@@ -220,13 +220,28 @@ fn feature_cache_settings_that_cannot_work_are_refused() {
 }
 
 const CHILD_OUT: &str = "AVP_RESUME_CHILD_OUT";
+const CHILD_FINETUNE: &str = "AVP_RESUME_CHILD_FINETUNE";
 
-fn resume_config() -> TrainConfig {
-    TrainConfig::new()
+/// The run to kill and resume: the frozen lesson recipe, or fine-tuning
+/// `layer4` with SGD, momentum and a step schedule (whose optimiser and
+/// scheduler states must come back from the checkpoint too).
+fn resume_config(finetune: bool) -> TrainConfig {
+    let config = TrainConfig::new()
         .with_epochs(4)
         .with_batch_size(4)
         .with_lr(3e-2)
-        .with_seed(5)
+        .with_seed(5);
+    if finetune {
+        config
+            .with_finetune(vec![avp_model::Stage::Layer4])
+            .with_backbone_lr(Some(1e-2))
+            .with_optimizer(avp_train::OptimizerKind::Sgd)
+            .with_momentum(0.9)
+            .with_weight_decay(1e-4)
+            .with_lr_step(Some(2))
+    } else {
+        config
+    }
 }
 
 fn resume_data(root: &Path) -> std::path::PathBuf {
@@ -246,6 +261,7 @@ fn resume_child() {
     let Some(out) = std::env::var_os(CHILD_OUT) else {
         return;
     };
+    let finetune = std::env::var_os(CHILD_FINETUNE).is_some();
     let out = std::path::PathBuf::from(out);
     let data = resume_data(out.parent().unwrap());
     let watch = out.clone();
@@ -266,7 +282,7 @@ fn resume_child() {
         tiny_backbone(&device),
         &data,
         &out,
-        &resume_config(),
+        &resume_config(finetune),
         &device,
     )
     .unwrap();
@@ -276,13 +292,27 @@ fn resume_child() {
 
 #[test]
 fn a_killed_run_resumes_after_its_last_finished_epoch() {
+    killed_run_resumes(false);
+}
+
+#[test]
+fn a_killed_finetuning_run_resumes_with_its_optimiser_and_schedule() {
+    killed_run_resumes(true);
+}
+
+fn killed_run_resumes(finetune: bool) {
     let _serial = serial();
-    let s = scratch("resume");
+    let s = scratch(if finetune { "resume-ft" } else { "resume" });
     let data = resume_data(&s.0);
     let out = s.0.join("out");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
         .args(["resume_child", "--exact", "--ignored", "--nocapture"])
-        .env(CHILD_OUT, &out)
+        .env(CHILD_OUT, &out);
+    if finetune {
+        child.env(CHILD_FINETUNE, "1");
+    }
+    let status = child
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -298,7 +328,7 @@ fn a_killed_run_resumes_after_its_last_finished_epoch() {
     assert!(before.len() >= 2, "{before:?}");
 
     let device = parse_device("flex").unwrap();
-    let config = resume_config();
+    let config = resume_config(finetune);
     // Only the same configuration, backbone and data resume.
     let sha = tiny_backbone(&device).provenance.sha256;
     assert!(resume_point(&out, &config, &sha, &data).is_some());
@@ -349,6 +379,46 @@ fn a_killed_run_resumes_after_its_last_finished_epoch() {
         acc(&read_metrics_csv(&out.join("metrics.csv"))),
         acc(&read_metrics_csv(&s.0.join("whole/metrics.csv")))
     );
+    if finetune {
+        // The fine-tuned stage came back from the checkpoint and trained on
+        // as it would have: the same backbone as the uninterrupted run's.
+        let weights = |m: &avp_train::TrainOutcome| {
+            let net = m.model.classifier.backbone.0.network();
+            let mut v = net.layer4[0]
+                .conv1
+                .weight
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            v.extend(
+                net.layer4[0]
+                    .bn1
+                    .running_mean
+                    .value_sync()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            );
+            v
+        };
+        let (a, b) = (weights(&resumed), weights(&whole));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "resumed vs uninterrupted layer4: {d}");
+        let orig = tiny_backbone(&device).model;
+        let o = orig.layer4[0]
+            .conv1
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_ne!(o, a[..o.len()], "layer4 did not train");
+    }
 
     // A finished run is not resumed: the same command starts afresh.
     let again = train(

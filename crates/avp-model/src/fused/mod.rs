@@ -194,6 +194,41 @@ impl FusedResNet {
         dims: [usize; 4],
         bn: BatchNormUse,
     ) -> Option<Vec<f32>> {
+        let x = self.run_blocks(net, images, dims, bn, self.blocks.len())?;
+        let pooled = global_pool(&x);
+        self.buffers.give(x);
+        pooled
+    }
+
+    /// The NCHW feature map after the stem and the first `blocks` residual
+    /// blocks (in [`ResNet::blocks`] order), with its dimensions: the map
+    /// entering a later stage, for fine-tuning a network's last stages on
+    /// a frozen, fused prefix. Same arguments and `None` cases as
+    /// [`FusedResNet::features_from_nchw`].
+    pub fn map_from_nchw(
+        &self,
+        net: &ResNet,
+        images: &[f32],
+        dims: [usize; 4],
+        bn: BatchNormUse,
+        blocks: usize,
+    ) -> Option<(Vec<f32>, [usize; 4])> {
+        let x = self.run_blocks(net, images, dims, bn, blocks)?;
+        let out = to_nchw(&x);
+        let dims = [x.n, x.c, x.h, x.w];
+        self.buffers.give(x);
+        Some((out, dims))
+    }
+
+    /// The stem and the first `blocks` residual blocks, NHWC.
+    fn run_blocks(
+        &self,
+        net: &ResNet,
+        images: &[f32],
+        dims: [usize; 4],
+        bn: BatchNormUse,
+        blocks: usize,
+    ) -> Option<Map> {
         let [n, c, h, w] = dims;
         if images.len() != n * c * h * w || c != self.stem.cin || n == 0 {
             return None;
@@ -209,11 +244,9 @@ impl FusedResNet {
         buffers.give(input);
         let mut x = self.pool.run(&stem, buffers)?;
         buffers.give(stem);
-        for block in &self.blocks {
+        for block in self.blocks.iter().take(blocks) {
             x = block.run(x, &pass)?;
         }
-        let pooled = global_pool(&x)?;
-        buffers.give(x);
         if bn == BatchNormUse::Batch {
             let stats = pass
                 .batch_stats
@@ -223,7 +256,7 @@ impl FusedResNet {
                 update_running(modules[st.layer], &pass.bns[st.layer], &st);
             }
         }
-        Some(pooled)
+        Some(x)
     }
 
     /// One pass's BatchNorm state: the layers read back (unless folded)
@@ -271,6 +304,22 @@ impl FusedResNet {
             &device,
         ))
     }
+
+    /// [`FusedResNet::map_from_nchw`] on a tensor, the map on the tensor's
+    /// device.
+    pub fn forward_map(
+        &self,
+        net: &ResNet,
+        images: Tensor<4>,
+        bn: BatchNormUse,
+        blocks: usize,
+    ) -> Option<Tensor<4>> {
+        let device = images.device();
+        let dims = images.dims();
+        let data = floats(images)?;
+        let (out, dims) = self.map_from_nchw(net, &data, dims, bn, blocks)?;
+        Some(Tensor::from_data(TensorData::new(out, dims), &device))
+    }
 }
 
 /// NCHW images into an NHWC map from the buffer pool.
@@ -292,6 +341,22 @@ fn to_nhwc(images: &[f32], [_, c, h, w]: [usize; 4], buffers: &Buffers) -> Map {
         c,
         data,
     }
+}
+
+/// An NHWC map as NCHW values.
+fn to_nchw(x: &Map) -> Vec<f32> {
+    let (c, hw) = (x.c, x.h * x.w);
+    let mut out = vec![0.0f32; x.n * c * hw];
+    out.par_chunks_mut(c * hw)
+        .zip(x.data.par_chunks(hw * c))
+        .for_each(|(dst, src)| {
+            for (p, px) in src.chunks_exact(c).enumerate() {
+                for (ch, v) in px.iter().enumerate() {
+                    dst[ch * hw + p] = *v;
+                }
+            }
+        });
+    out
 }
 
 /// The mean over each image's pixels, `[N, C]` row-major.

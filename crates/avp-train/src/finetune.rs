@@ -1,0 +1,322 @@
+//! Fine-tuning and the optimiser: which backbone stages train, and the
+//! optimiser, learning rates and step schedule of a run, built from Burn's
+//! optimisers and schedulers with PyTorch's semantics.
+//!
+//! - Adam has PyTorch's epsilon (1e-8; Burn's default is 1e-5) and
+//!   `weight_decay` as PyTorch's Adam applies it (an L2 term added to the
+//!   gradient).
+//! - SGD's momentum has PyTorch's dampening, 0 (Burn's default is 0.1).
+//! - The step schedule is PyTorch's `StepLR(step_size=E, gamma=G)` stepped
+//!   once per epoch: Burn's scheduler steps once per batch, so it is given
+//!   `E × batches per epoch`.
+//! - The fine-tuned stages (`trained_stages` in the module tree) have their
+//!   own learning rate, `backbone_lr`, through a Burn parameter group; the
+//!   head keeps `lr`.
+
+use avp_model::Stage;
+use burn::config::Config;
+use burn::lr_scheduler::LrSchedulerConfig;
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
+use burn::lr_scheduler::step::StepLrSchedulerConfig;
+use burn::module::ParamGroup;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, ModuleOptimizer, SgdConfig};
+
+use crate::error::TrainError;
+use crate::train::TrainConfig;
+
+/// The backbone learning rate when `--finetune` is given without
+/// `--backbone-lr`.
+pub const DEFAULT_BACKBONE_LR: f64 = 1e-4;
+
+/// The name of the fine-tuned stages in the classifier's module tree (the
+/// parameter group of `backbone_lr`).
+const STAGES_FIELD: &str = "trained_stages";
+
+/// The optimiser of a run.
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum OptimizerKind {
+    /// Adam (betas 0.9 and 0.999, epsilon 1e-8), the lesson's.
+    Adam,
+    /// Stochastic gradient descent, with `momentum` when above 0.
+    Sgd,
+}
+
+/// The stages a `--finetune` value names: a comma-separated list of
+/// `stem`, `layer1` … `layer4`, or `all`. Fine-tuning trains the *last*
+/// stages, so the list must run to `layer4` without a gap; any order and
+/// repeats are accepted.
+pub fn parse_stages(list: &str) -> Result<Vec<Stage>, TrainError> {
+    if list.trim().eq_ignore_ascii_case("all") {
+        return Ok(Stage::ALL.to_vec());
+    }
+    let mut stages = Vec::new();
+    for name in list.split(',').filter(|s| !s.trim().is_empty()) {
+        let stage: Stage = name.parse().map_err(|e: avp_model::ModelError| {
+            TrainError::Config(format!("--finetune: {e}, or all"))
+        })?;
+        stages.push(stage);
+    }
+    stages.sort();
+    stages.dedup();
+    check_stages(&stages)?;
+    Ok(stages)
+}
+
+/// Refuses a stage list that is not the last stages of the backbone.
+pub fn check_stages(stages: &[Stage]) -> Result<(), TrainError> {
+    let Some(&first) = stages.first() else {
+        return Err(TrainError::Config(
+            "--finetune needs at least one stage: stem, layer1 … layer4, or all".into(),
+        ));
+    };
+    let run: Vec<Stage> = Stage::ALL.into_iter().filter(|s| *s >= first).collect();
+    if stages != run.as_slice() {
+        let names = |s: &[Stage]| s.iter().map(|s| s.name()).collect::<Vec<_>>().join(",");
+        return Err(TrainError::Config(format!(
+            "--finetune {}: fine-tuning trains the last stages of the backbone, up to layer4 without a gap \
+             (a frozen stage after a trained one would still need gradients through it); \
+             to train from {first} on, pass --finetune {}",
+            names(stages),
+            names(&run)
+        )));
+    }
+    Ok(())
+}
+
+/// The optimiser `config` asks for (see the module documentation).
+pub fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
+    let decay =
+        (config.weight_decay > 0.0).then(|| WeightDecayConfig::new(config.weight_decay as f32));
+    match config.optimizer {
+        OptimizerKind::Adam => AdamConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(decay)
+            .init(),
+        OptimizerKind::Sgd => SgdConfig::new()
+            .with_weight_decay(decay)
+            .with_momentum((config.momentum > 0.0).then(|| {
+                MomentumConfig::new()
+                    .with_momentum(config.momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(false)
+            }))
+            .init(),
+    }
+}
+
+/// The learning rates of a run with `batches` optimiser steps per epoch:
+/// `lr` for the head, `backbone_lr` for the fine-tuned stages, each
+/// constant or on the epoch-wise step schedule.
+pub fn schedule(config: &TrainConfig, batches: usize) -> Result<ModuleLrScheduler, TrainError> {
+    let one = |lr: f64| -> LrSchedulerConfig {
+        match config.lr_step {
+            Some(epochs) => StepLrSchedulerConfig::new(lr, epochs.saturating_mul(batches.max(1)))
+                .with_gamma(config.lr_gamma)
+                .into(),
+            None => LrSchedulerConfig::Constant(lr),
+        }
+    };
+    let mut policy = ModuleLrSchedulerConfig::new(one(config.lr));
+    if !config.finetune.is_empty() {
+        let lr = config.backbone_lr.unwrap_or(DEFAULT_BACKBONE_LR);
+        policy = policy.with_group(ParamGroup::from_predicate(STAGES_FIELD), one(lr));
+    }
+    policy
+        .init()
+        .map_err(|e| TrainError::Config(format!("learning-rate schedule: {e}")))
+}
+
+/// What a run trains and how, in one line, e.g. `the head (lr 0.001) and
+/// layer4 (lr 0.0001), Adam` or `the head on a frozen backbone, SGD
+/// (momentum 0.9), lr 0.001, x0.1 every 7 epochs`.
+pub fn describe(config: &TrainConfig) -> String {
+    let optimizer = match config.optimizer {
+        OptimizerKind::Adam => "Adam".to_string(),
+        OptimizerKind::Sgd if config.momentum > 0.0 => {
+            format!("SGD (momentum {})", config.momentum)
+        }
+        OptimizerKind::Sgd => "SGD".to_string(),
+    };
+    let mut s = if config.finetune.is_empty() {
+        format!(
+            "the head on a frozen backbone, {optimizer}, lr {}",
+            config.lr
+        )
+    } else {
+        let stages: Vec<&str> = config.finetune.iter().map(|s| s.name()).collect();
+        format!(
+            "the head (lr {}) and {} (lr {}), {optimizer}",
+            config.lr,
+            stages.join(", "),
+            config.backbone_lr.unwrap_or(DEFAULT_BACKBONE_LR)
+        )
+    };
+    if config.weight_decay > 0.0 {
+        s.push_str(&format!(", weight decay {}", config.weight_decay));
+    }
+    if let Some(e) = config.lr_step {
+        s.push_str(&format!(", x{} every {e} epochs", config.lr_gamma));
+    }
+    s
+}
+
+/// The optimiser settings of `config` that are not the lesson's, checked
+/// before any work (see [`TrainConfig::validate`]).
+pub(crate) fn validate(config: &TrainConfig) -> Result<(), TrainError> {
+    let bad = |why: String| Err(TrainError::Config(why));
+    if !config.finetune.is_empty() {
+        check_stages(&config.finetune)?;
+        if config.bn_mode == crate::classifier::BnMode::Lesson {
+            return bad(
+                "--bn-mode lesson puts a frozen backbone's BatchNorm layers in batch mode; with --finetune the \
+                 trained stages already train theirs (batch statistics while training, running statistics in \
+                 validation, as PyTorch's model.train()/model.eval() do) and the frozen stages keep their \
+                 running statistics: drop --bn-mode lesson"
+                    .into(),
+            );
+        }
+        if config.feature_cache {
+            return bad(
+                "--feature-cache caches the output of a frozen backbone; with --finetune the trained stages \
+                 change every step, and caching the frozen prefix is not built yet: drop --feature-cache"
+                    .into(),
+            );
+        }
+    }
+    if let Some(lr) = config.backbone_lr {
+        if config.finetune.is_empty() {
+            return bad(
+                "--backbone-lr sets the learning rate of fine-tuned backbone stages, and none are: add \
+                 --finetune layer4 (or other stages), or drop --backbone-lr"
+                    .into(),
+            );
+        }
+        if !lr.is_finite() || lr <= 0.0 {
+            return bad(format!(
+                "--backbone-lr {lr} is not a usable learning rate: pass a finite number above 0 (default {DEFAULT_BACKBONE_LR})"
+            ));
+        }
+    }
+    if !config.weight_decay.is_finite() || config.weight_decay < 0.0 {
+        return bad(format!(
+            "--weight-decay {} must be a finite number of at least 0",
+            config.weight_decay
+        ));
+    }
+    if !config.momentum.is_finite() || !(0.0..1.0).contains(&config.momentum) {
+        return bad(format!(
+            "--momentum {} must be in [0, 1) (PyTorch's tutorial uses 0.9)",
+            config.momentum
+        ));
+    }
+    if config.momentum > 0.0 && config.optimizer == OptimizerKind::Adam {
+        return bad(format!(
+            "--momentum {} is SGD's: Adam keeps its own moments; add --optimizer sgd, or drop --momentum",
+            config.momentum
+        ));
+    }
+    if config.lr_step == Some(0) {
+        return bad("--lr-step is a number of epochs and must be at least 1".into());
+    }
+    if !config.lr_gamma.is_finite() || config.lr_gamma <= 0.0 || config.lr_gamma > 1.0 {
+        return bad(format!(
+            "--lr-gamma {} must be in (0, 1]: the factor the learning rate is multiplied by every --lr-step epochs",
+            config.lr_gamma
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_lists_run_to_layer4() {
+        assert_eq!(parse_stages("layer4").unwrap(), vec![Stage::Layer4]);
+        assert_eq!(
+            parse_stages(" layer4, layer3 ,layer4").unwrap(),
+            vec![Stage::Layer3, Stage::Layer4]
+        );
+        assert_eq!(parse_stages("ALL").unwrap(), Stage::ALL.to_vec());
+        let e = parse_stages("layer3").unwrap_err().to_string();
+        assert!(e.contains("--finetune layer3,layer4"), "{e}");
+        let e = parse_stages("layer2,layer4").unwrap_err().to_string();
+        assert!(e.contains("--finetune layer2,layer3,layer4"), "{e}");
+        let e = parse_stages("layer5").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown stage `layer5`") && e.contains("or all"),
+            "{e}"
+        );
+        let e = parse_stages(" , ").unwrap_err().to_string();
+        assert!(e.contains("at least one stage"), "{e}");
+    }
+
+    #[test]
+    fn optimiser_settings_that_mean_nothing_are_refused() {
+        let ft = || TrainConfig::new().with_finetune(vec![Stage::Layer4]);
+        let refused = |c: TrainConfig, says: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        };
+        refused(TrainConfig::new().with_backbone_lr(Some(1e-4)), "none are");
+        refused(ft().with_backbone_lr(Some(0.0)), "--backbone-lr 0");
+        refused(
+            ft().with_bn_mode(crate::classifier::BnMode::Lesson),
+            "drop --bn-mode lesson",
+        );
+        refused(ft().with_feature_cache(true), "drop --feature-cache");
+        refused(TrainConfig::new().with_momentum(0.9), "--optimizer sgd");
+        refused(
+            TrainConfig::new()
+                .with_optimizer(OptimizerKind::Sgd)
+                .with_momentum(1.0),
+            "[0, 1)",
+        );
+        refused(TrainConfig::new().with_weight_decay(-1.0), "--weight-decay");
+        refused(TrainConfig::new().with_lr_step(Some(0)), "--lr-step");
+        refused(TrainConfig::new().with_lr_gamma(0.0), "--lr-gamma");
+        refused(
+            TrainConfig::new().with_finetune(vec![Stage::Layer2]),
+            "--finetune layer2,layer3,layer4",
+        );
+        // PyTorch's tutorial recipe is expressible.
+        ft().with_finetune(Stage::ALL.to_vec())
+            .with_optimizer(OptimizerKind::Sgd)
+            .with_momentum(0.9)
+            .with_lr_step(Some(7))
+            .with_lr_gamma(0.1)
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_step_schedule_is_pytorchs_per_epoch_step_lr() {
+        let config = TrainConfig::new()
+            .with_lr(1e-3)
+            .with_finetune(vec![Stage::Layer4])
+            .with_lr_step(Some(2))
+            .with_lr_gamma(0.1);
+        // 3 batches per epoch: epochs 1-2 at lr, 3-4 at lr/10, 5 at lr/100.
+        let mut s = schedule(&config, 3).unwrap();
+        let lrs: Vec<f64> = (0..15)
+            .map(|_| {
+                s.step()
+                    .lr_from_param(burn::module::ParamId::new(), Some("head.layers.0.weight"))
+            })
+            .collect();
+        let expect = |e: usize| 1e-3 * 0.1f64.powi((e / 2) as i32);
+        for (i, lr) in lrs.iter().enumerate() {
+            assert!((lr - expect(i / 3)).abs() < 1e-12, "batch {i}: {lr}");
+        }
+        let mut s = schedule(&config, 3).unwrap();
+        let lr = s.step().lr_from_param(
+            burn::module::ParamId::new(),
+            Some("trained_stages.layer4.0.conv1.weight"),
+        );
+        assert!((lr - DEFAULT_BACKBONE_LR).abs() < 1e-15, "{lr}");
+    }
+}
