@@ -176,6 +176,49 @@ fn state_dicts_load_through_burn_store_and_match() {
 }
 
 #[test]
+fn torchvision_state_dict_export_round_trips_with_pytorch_names_and_layouts() {
+    let device = parse_device("flex").unwrap();
+    let name = "basic_folded_op11";
+    let loaded = load_weights(
+        &fixtures().join(format!("{name}.onnx")),
+        &device,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("avp-tv-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("state.safetensors");
+    avp_model::weights::save_torchvision(&loaded.model, &out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shape = |k: &str| {
+        st.tensor(k)
+            .unwrap_or_else(|e| panic!("{k}: {e}"))
+            .shape()
+            .to_vec()
+    };
+    // torchvision's names; PyTorch's [out, in] for the classifier.
+    assert_eq!(shape("fc.weight"), [10, 32]);
+    assert_eq!(shape("layer2.0.downsample.0.weight"), [16, 8, 1, 1]);
+    assert_eq!(shape("layer2.0.downsample.1.running_var"), [16]);
+    assert_eq!(shape("bn1.weight"), [8]);
+    assert!(
+        st.names()
+            .iter()
+            .all(|k| !k.contains("gamma") && !k.contains(".conv."))
+    );
+    // avp reads it back as the same network.
+    let again = load_weights(&out, &device, &LoadOptions::default()).unwrap();
+    let input = fixtures().join(format!("{name}.input.npy"));
+    let (a, b) = (
+        run(&loaded.model, &input, &device),
+        run(&again.model, &input, &device),
+    );
+    assert!(rel_err(&a, &b) <= 1e-6, "{}", rel_err(&a, &b));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn native_format_round_trips_with_metadata() {
     let device = parse_device("flex").unwrap();
     let name = "bottleneck_stride1x1_unfolded_op15";
