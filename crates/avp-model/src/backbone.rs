@@ -367,6 +367,7 @@ fn run(
     global_pool(feature_map(net, images, bn, usize::MAX))
 }
 
+/// [`run`] up to a stage boundary: the map after `blocks` blocks.
 fn run_map(
     net: &ResNet,
     fused: Option<&FusedResNet>,
@@ -380,9 +381,9 @@ fn run_map(
     feature_map(net, images, bn, blocks)
 }
 
-/// The feature map before pooling through Burn's modules, BatchNorm used
-/// as `bn` says.
-/// The stem and the first `blocks` residual blocks on Burn's modules.
+/// The feature map after the stem and the first `blocks` residual blocks
+/// (all of them: the map before pooling), through Burn's modules,
+/// BatchNorm used as `bn` says.
 fn feature_map(net: &ResNet, images: Tensor<4>, bn: BatchNormUse, blocks: usize) -> Tensor<4> {
     let x = relu(batch_norm(&net.bn1, net.conv1.forward(images), bn));
     let mut x = net.maxpool.forward(x);
