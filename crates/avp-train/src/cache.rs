@@ -17,6 +17,12 @@
 //! size and modification time of every image). A second run over the same
 //! images with the same weights reads them back and skips the backbone.
 //!
+//! Fine-tuning caches the frozen prefix instead: the feature map entering
+//! the first trained stage (`256 x 14 x 14` floats per image before the
+//! committed ResNet18's `layer4`), keyed as above plus that stage, with
+//! the same views; the trained stages and the head then train on it
+//! ([`FeatureJob::prefix`]).
+//!
 //! A cache file carries the SHA-256 of its contents: a file that is
 //! truncated, was written for another key, has a flipped byte, a class
 //! index out of range or a value that is not finite is computed again,
@@ -31,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
 use avp_data::{ImageDataset, ImageFolder, OrderedLoader, Pipeline, Rng, epoch_order};
-use avp_model::{Backbone, BatchNormUse, Normalization, ResNetConfig, report, sha256_hex};
+use avp_model::{Backbone, BatchNormUse, Normalization, ResNetConfig, Stage, report, sha256_hex};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -179,9 +185,16 @@ struct Key<'a> {
     seed: Option<u64>,
     classes: &'a [String],
     files: Vec<KeyFile>,
+    /// The stage whose input map is cached (absent: pooled features, and
+    /// the keys of caches written before prefixes existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_before: Option<Stage>,
 }
 
 /// The text the cache key hashes (JSON): everything the features depend on.
+/// `prefix_before`: the stage whose input map is cached, `None` for pooled
+/// features.
+#[allow(clippy::too_many_arguments)] // each is part of the key
 pub fn key_text(
     weights_sha256: &str,
     backbone: &ResNetConfig,
@@ -190,6 +203,7 @@ pub fn key_text(
     pipeline: &Pipeline,
     views: usize,
     seed: u64,
+    prefix_before: Option<Stage>,
 ) -> String {
     let files = folder
         .samples
@@ -219,6 +233,7 @@ pub fn key_text(
         seed: pipeline.is_random().then_some(seed),
         classes: &folder.classes,
         files,
+        prefix_before,
     };
     serde_json::to_string(&key).unwrap_or_default()
 }
@@ -246,6 +261,10 @@ pub struct FeatureJob<'a> {
     /// The largest table (in bytes of stored features) this job may
     /// compute; a larger one is refused before anything is allocated.
     pub max_bytes: u64,
+    /// Cache the frozen prefix for fine-tuning instead of the pooled
+    /// features: the stage whose input map is stored, and that map's shape
+    /// `[C, H, W]` (see [`prefix_shape`]).
+    pub prefix: Option<(Stage, [usize; 3])>,
 }
 
 impl FeatureJob<'_> {
@@ -253,6 +272,25 @@ impl FeatureJob<'_> {
     pub fn table_bytes(&self, width: usize) -> Option<u64> {
         table_bytes(self.views, self.folder.len(), width)
     }
+
+    /// Floats stored per image and view: the backbone's pooled width, or
+    /// the prefix map's size.
+    pub fn width(&self, backbone: &Backbone) -> usize {
+        match self.prefix {
+            Some((_, [c, h, w])) => c * h * w,
+            None => backbone.num_features(),
+        }
+    }
+}
+
+/// The shape `[C, H, W]` of the map entering `stage` for `size`x`size`
+/// images: one image through the frozen prefix.
+pub fn prefix_shape(backbone: &Backbone, stage: Stage, size: usize, device: &Device) -> [usize; 3] {
+    let x = Tensor::<4>::zeros([1, 3, size, size], &device.clone().without_autodiff());
+    let [_, c, h, w] = backbone
+        .feature_map_before(x, stage, BatchNormUse::Folded)
+        .dims();
+    [c, h, w]
 }
 
 fn table_bytes(views: usize, len: usize, width: usize) -> Option<u64> {
@@ -326,15 +364,16 @@ pub fn features(
         &job.pipeline,
         job.views,
         job.seed,
+        job.prefix.map(|(stage, _)| stage),
     );
-    let width = backbone.num_features();
+    let width = job.width(backbone);
     check_size(job, width)?;
     let file = dir.map(|d| cache_file(d, &key));
     if let Some(file) = &file
         && let Ok(bytes) = std::fs::read(file)
     {
         match FeatureTable::from_bytes(&bytes, &key, job.folder.classes.len()) {
-            Some(t) if t.len == job.folder.len() => {
+            Some(t) if t.len == job.folder.len() && t.width == width => {
                 report::info(format!(
                     "feature cache: {} features read from {} ({} images x {} view{})",
                     job.label,
@@ -386,7 +425,7 @@ fn compute(
 ) -> Result<FeatureTable, TrainError> {
     let inner = device.clone().without_autodiff();
     let dataset = ImageDataset::new(job.folder.clone(), job.pipeline.clone(), job.seed);
-    let width = model.num_features();
+    let width = job.width(model);
     let len = job.folder.len();
     let size = check_size(job, width)?;
     let mut values = Vec::new();
@@ -408,7 +447,13 @@ fn compute(
             let batch =
                 batch.map_err(|e| TrainError::Config(format!("cannot read an image: {e}")))?;
             // Running statistics, folded: the backbone's folded form.
-            let f = model.features(batch.images, BatchNormUse::Folded);
+            let n = batch.indices.len();
+            let f = match job.prefix {
+                Some((stage, _)) => model
+                    .feature_map_before(batch.images, stage, BatchNormUse::Folded)
+                    .reshape([n, width]),
+                None => model.features(batch.images, BatchNormUse::Folded),
+            };
             let data = f
                 .into_data()
                 .convert::<f32>()

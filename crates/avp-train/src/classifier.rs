@@ -156,6 +156,17 @@ impl BnMode {
 #[derive(Clone, Debug)]
 pub struct FrozenBackbone(pub Arc<Backbone>);
 
+/// A copy of `backbone`'s stages from `first` on, on `device` (the inner
+/// device of training), with gradients on: what fine-tuning trains.
+pub fn trainable_stages(backbone: &Backbone, first: Stage, device: &Device) -> ResNetStages {
+    backbone
+        .network()
+        .stages_from(first)
+        .to_device(&device.clone().without_autodiff())
+        .unfreeze()
+        .train()
+}
+
 /// A frozen backbone and a trainable head, with the backbone's last
 /// stages trained too when fine-tuning.
 #[derive(Module, Debug)]
@@ -195,16 +206,7 @@ impl Classifier {
     /// trained too (fine-tuning): a copy of them, on `device` (the inner
     /// device of training), with gradients on.
     pub fn with_trained_stages(mut self, first: Stage, device: &Device) -> Self {
-        let device = device.clone().without_autodiff();
-        let stages = self
-            .backbone
-            .0
-            .network()
-            .stages_from(first)
-            .to_device(&device)
-            .unfreeze()
-            .train();
-        self.trained_stages = Some(stages);
+        self.trained_stages = Some(trainable_stages(&self.backbone.0, first, device));
         self
     }
 
@@ -311,6 +313,57 @@ impl InferenceStep for Classifier {
 
     fn step(&self, batch: ImageBatch) -> ClassificationOutput {
         self.classify(batch.images, batch.targets, false)
+    }
+}
+
+/// The fine-tuned stages and the head, trained on the cached input map of
+/// the first trained stage (the frozen prefix's output, see
+/// [`crate::cache`]); join them to their backbone with
+/// [`Classifier::new`] and [`Classifier::trained_stages`] afterwards.
+#[derive(Module, Debug)]
+pub struct CachedStages {
+    /// The trainable head.
+    pub head: Head,
+    /// The fine-tuned stages (the same field name as in [`Classifier`]:
+    /// their learning rate follows it).
+    pub trained_stages: ResNetStages,
+    /// `[C, H, W]` of the cached map.
+    #[module(skip)]
+    pub shape: [usize; 3],
+}
+
+impl CachedStages {
+    fn logits(&self, rows: Tensor<2>, train: bool) -> Tensor<2> {
+        let [n, _] = rows.dims();
+        let [c, h, w] = self.shape;
+        let bn = if train {
+            BatchNormUse::Batch
+        } else {
+            BatchNormUse::Running
+        };
+        let map = self
+            .trained_stages
+            .forward_map(rows.reshape([n, c, h, w]), bn);
+        self.head.forward(global_pool(map))
+    }
+}
+
+impl TrainStep for CachedStages {
+    type Input = FeatureBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: FeatureBatch) -> TrainOutput<ClassificationOutput> {
+        let out = classify_logits(self.logits(batch.features, true), batch.targets);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl InferenceStep for CachedStages {
+    type Input = FeatureBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: FeatureBatch) -> ClassificationOutput {
+        classify_logits(self.logits(batch.features, false), batch.targets)
     }
 }
 

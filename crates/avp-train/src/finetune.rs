@@ -177,13 +177,6 @@ pub(crate) fn validate(config: &TrainConfig) -> Result<(), TrainError> {
                     .into(),
             );
         }
-        if config.feature_cache {
-            return bad(
-                "--feature-cache caches the output of a frozen backbone; with --finetune the trained stages \
-                 change every step, and caching the frozen prefix is not built yet: drop --feature-cache"
-                    .into(),
-            );
-        }
     }
     if let Some(lr) = config.backbone_lr {
         if config.finetune.is_empty() {
@@ -268,7 +261,6 @@ mod tests {
             ft().with_bn_mode(crate::classifier::BnMode::Lesson),
             "drop --bn-mode lesson",
         );
-        refused(ft().with_feature_cache(true), "drop --feature-cache");
         refused(TrainConfig::new().with_momentum(0.9), "--optimizer sgd");
         refused(
             TrainConfig::new()

@@ -22,7 +22,7 @@ use burn::train::{
 use crate::artifacts::TrainedModel;
 use crate::bridge::{data_normalize, eval_pipeline};
 use crate::cache::{CacheOrigin, FeatureJob, FeatureLoader};
-use crate::classifier::{BnMode, CachedHead, Classifier, HeadConfig};
+use crate::classifier::{BnMode, CachedHead, CachedStages, Classifier, HeadConfig};
 use crate::error::{TrainError, write_err};
 use crate::finetune::OptimizerKind;
 use crate::metrics::{
@@ -659,7 +659,7 @@ pub fn train_with_policy(
     config.validate()?;
     let backbone = Arc::new(backbone.into().headless());
     let device = strategy_device(&strategy)?;
-    let (train_folder, valid_folder) = check_inputs(&backbone, root, out_dir, config)?;
+    let (train_folder, valid_folder) = check_inputs(&backbone, root, out_dir, config, &device)?;
     let classes = train_folder.classes.clone();
     // Nothing is written into `out_dir` before this lock is held.
     let _lock = crate::output::OutputLock::acquire(out_dir)?;
@@ -736,6 +736,7 @@ fn check_inputs(
     root: &Path,
     out_dir: &Path,
     config: &TrainConfig,
+    device: &Device,
 ) -> Result<(ImageFolder, ImageFolder), TrainError> {
     if out_dir.exists() && !out_dir.is_dir() {
         return Err(TrainError::Config(format!(
@@ -760,13 +761,29 @@ fn check_inputs(
         } else {
             1
         };
-        crate::cache::check_table_size(
-            "train",
+        // Fine-tuning caches the map entering the first trained stage.
+        let (label, width) = match config.finetune.first() {
+            Some(&stage) => {
+                let [c, h, w] = crate::cache::prefix_shape(backbone, stage, 224, device);
+                (
+                    format!("train (the {c}x{h}x{w} map before {stage})"),
+                    c * h * w,
+                )
+            }
+            None => ("train".to_string(), backbone.num_features()),
+        };
+        let bytes = crate::cache::check_table_size(
+            &label,
             views,
             train_folder.len(),
-            backbone.num_features(),
+            width,
             (config.cache_max_gb * 1e9) as u64,
         )?;
+        report::info(format!(
+            "feature cache: the {label} features take {:.2} GB ({views} view(s) x {} images)",
+            bytes as f64 / 1e9,
+            train_folder.len()
+        ));
     }
     Ok((train_folder, valid_folder))
 }
@@ -875,6 +892,14 @@ fn train_cached(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     } else {
         1
     };
+    // Fine-tuning caches the frozen prefix: the map entering the first
+    // trained stage.
+    let prefix = config.finetune.first().map(|&stage| {
+        (
+            stage,
+            crate::cache::prefix_shape(backbone, stage, 224, &inner),
+        )
+    });
     let job = |label, folder, pipeline, views| FeatureJob {
         label,
         folder,
@@ -883,6 +908,7 @@ fn train_cached(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
         seed: config.seed,
         batch_size: 8,
         max_bytes,
+        prefix,
     };
     let (train_table, o1) = crate::cache::features(
         backbone,
@@ -903,12 +929,25 @@ fn train_cached(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     } else {
         CacheOrigin::Computed
     };
-    let model = CachedHead::new(head);
     let train_loader = FeatureLoader::new(train_table, config.batch_size, Some(config.seed), &ad);
     train_loader.set_epoch(start_epoch);
     let valid_loader = FeatureLoader::new(valid_table, config.batch_size, None, &inner);
-    let (trained, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run)?;
-    let model = Classifier::new(Arc::clone(backbone), trained.head, config.bn_mode)?;
+    let (train_loader, valid_loader) = (Arc::new(train_loader), Arc::new(valid_loader));
+    let model = match prefix {
+        None => {
+            let (trained, epochs) = launch(CachedHead::new(head), train_loader, valid_loader, run)?;
+            let model = Classifier::new(Arc::clone(backbone), trained.head, config.bn_mode)?;
+            return Ok((model, epochs, Some(origin)));
+        }
+        Some((stage, shape)) => CachedStages {
+            head,
+            trained_stages: crate::classifier::trainable_stages(backbone, stage, &inner),
+            shape,
+        },
+    };
+    let (trained, epochs) = launch(model, train_loader, valid_loader, run)?;
+    let mut model = Classifier::new(Arc::clone(backbone), trained.head, config.bn_mode)?;
+    model.trained_stages = Some(trained.trained_stages);
     Ok((model, epochs, Some(origin)))
 }
 

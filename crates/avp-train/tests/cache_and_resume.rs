@@ -46,6 +46,7 @@ fn cached_features_are_the_backbone_features_and_views_are_the_epochs_augmentati
         seed: 7,
         batch_size: 4,
         max_bytes: 1 << 30,
+        prefix: None,
     };
     let (table, origin) = features(&backbone, &normalization, &job, None, &device).unwrap();
     assert_eq!(origin, CacheOrigin::Computed);

@@ -116,6 +116,81 @@ fn finetuning_layer4_on_ndarray_trains_layer4_only_and_saves_it() {
     finetune_run("ndarray");
 }
 
+/// Fine-tuning on the cached frozen prefix: the map entering layer4 is
+/// computed once (K views with augmentation), read back by a second run,
+/// refused when it would not fit; the model trains and saves as without
+/// the cache.
+#[test]
+fn the_prefix_cache_trains_is_reused_and_is_refused_when_too_large() {
+    let _serial = serial();
+    let s = scratch("finetune-cache");
+    let data = s.0.join("data");
+    make_dataset(&data, (12, 6));
+    let device = parse_device("flex").unwrap();
+    let config = finetune_config()
+        .with_feature_cache(true)
+        .with_cache_views(2)
+        .with_cache_dir(Some(s.0.join("features")));
+    let out = s.0.join("out");
+    let first = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
+    assert_eq!(first.cache, Some(avp_train::CacheOrigin::Computed));
+    let last = first.epochs.last().unwrap();
+    assert!(last.valid_acc >= 0.75, "{:?}", first.epochs);
+    let original = tiny_backbone(&device).model;
+    let net = first.model.classifier.backbone.0.network();
+    assert!(
+        max_diff(
+            &values(net.layer4[0].conv1.weight.val()),
+            &values(original.layer4[0].conv1.weight.val())
+        ) > 1e-6,
+        "layer4 did not train"
+    );
+    assert_eq!(
+        values(net.layer3[0].conv1.weight.val()),
+        values(original.layer3[0].conv1.weight.val())
+    );
+    // Stored apart from pooled features: a second run reads them back and
+    // trains the same model.
+    let again = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("again"),
+        &config,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(again.cache, Some(avp_train::CacheOrigin::Disk));
+    let acc = |o: &avp_train::TrainOutcome| {
+        o.epochs
+            .iter()
+            .map(|m| (m.train_loss, m.valid_acc))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(acc(&first), acc(&again));
+    let x = Tensor::<4>::ones([2, 3, 64, 64], &device);
+    let loaded = avp_train::load_model(&out.join("model.bpk"), &device).unwrap();
+    let d = max_diff(
+        &values(first.model.classifier.probabilities(x.clone())),
+        &values(loaded.classifier.probabilities(x)),
+    );
+    assert!(d < 1e-5, "{d}");
+    // Too large for the limit: refused before anything runs, naming the map.
+    let e = train(
+        tiny_backbone(&device),
+        &data,
+        &s.0.join("none"),
+        &config.clone().with_cache_max_gb(1e-6),
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("map before layer4") && e.contains("--cache-max-gb"),
+        "{e}"
+    );
+    assert!(!s.0.join("none").exists());
+}
+
 /// The merged classifier (fine-tuned stages put back into the backbone,
 /// then folded and fused) computes what the classifier with its trained
 /// stages computes in validation.
@@ -182,10 +257,6 @@ fn settings_that_cannot_work_are_refused_before_anything_is_written() {
         (
             finetune_config().with_finetune(vec![Stage::Layer3]),
             "--finetune layer3,layer4",
-        ),
-        (
-            finetune_config().with_feature_cache(true),
-            "drop --feature-cache",
         ),
         (TrainConfig::new().with_momentum(0.9), "--optimizer sgd"),
     ] {
