@@ -136,6 +136,8 @@ pub fn load_weights_file(
 pub struct CacheArgs {
     /// Run the backbone once per image and train the head on the stored
     /// features (much faster; with augmentation it needs --cache-views).
+    /// With --finetune: the frozen prefix once, the trained stages and the
+    /// head on its stored output.
     /// The features are kept on disk and reused by later runs with the same
     /// images, weights and transform.
     #[arg(long)]
