@@ -233,20 +233,7 @@ impl Backbone {
     /// are updated (PyTorch's `model.train()`), and a folded form made
     /// before is dropped so that the next folded pass sees them.
     pub fn features(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
-        let images = images.without_autodiff();
-        let forms = self.forms(&images.device());
-        let f = match bn {
-            BatchNormUse::Folded => {
-                let folded = self.folded(&forms);
-                run(&folded.network, folded.fused.as_ref(), images, bn)
-            }
-            _ => run(&forms.network, self.fused_live(&forms), images, bn),
-        };
-        if bn == BatchNormUse::Batch {
-            // The running statistics moved: a folded snapshot is stale.
-            *forms.folded.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
-        f
+        self.pass(images, bn, |net, fused, images| run(net, fused, images, bn))
     }
 
     /// The feature map entering `stage` (the images themselves for the
@@ -260,23 +247,38 @@ impl Backbone {
         stage: Stage,
         bn: BatchNormUse,
     ) -> Tensor<4> {
-        let images = images.without_autodiff();
         if stage == Stage::Stem {
-            return images;
+            return images.without_autodiff();
         }
         let blocks = self.network.blocks_before(stage);
+        self.pass(images, bn, |net, fused, images| {
+            run_map(net, fused, images, bn, blocks)
+        })
+    }
+
+    /// One pass off the tape on the forms of the images' device: the
+    /// folded network (and its fused pack) for [`BatchNormUse::Folded`],
+    /// the network as stored otherwise. A [`BatchNormUse::Batch`] pass
+    /// moves the running statistics, so the folded snapshot is dropped.
+    fn pass<T>(
+        &self,
+        images: Tensor<4>,
+        bn: BatchNormUse,
+        run: impl FnOnce(&ResNet, Option<&FusedResNet>, Tensor<4>) -> T,
+    ) -> T {
+        let images = images.without_autodiff();
         let forms = self.forms(&images.device());
-        let map = match bn {
+        let out = match bn {
             BatchNormUse::Folded => {
                 let folded = self.folded(&forms);
-                run_map(&folded.network, folded.fused.as_ref(), images, bn, blocks)
+                run(&folded.network, folded.fused.as_ref(), images)
             }
-            _ => run_map(&forms.network, self.fused_live(&forms), images, bn, blocks),
+            _ => run(&forms.network, self.fused_live(&forms), images),
         };
         if bn == BatchNormUse::Batch {
             *forms.folded.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        map
+        out
     }
 
     /// Logits of the stored `fc` layer (ImageNet's, for a full network),

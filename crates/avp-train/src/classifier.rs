@@ -156,6 +156,17 @@ impl BnMode {
 #[derive(Clone, Debug)]
 pub struct FrozenBackbone(pub Arc<Backbone>);
 
+/// How the fine-tuned stages' BatchNorm layers run: PyTorch's
+/// `model.train()` while training (batch statistics, running update),
+/// `model.eval()` otherwise.
+fn trained_stages_bn(train: bool) -> BatchNormUse {
+    if train {
+        BatchNormUse::Batch
+    } else {
+        BatchNormUse::Running
+    }
+}
+
 /// A copy of `backbone`'s stages from `first` on, on `device` (the inner
 /// device of training), with gradients on: what fine-tuning trains.
 pub fn trainable_stages(backbone: &Backbone, first: Stage, device: &Device) -> ResNetStages {
@@ -257,12 +268,7 @@ impl Classifier {
         let first = stages.first().unwrap_or(Stage::Layer4);
         let map = self.backbone.0.feature_map_before(images, first, frozen);
         let map = if on_tape { map.autodiff() } else { map };
-        let bn = if train {
-            BatchNormUse::Batch
-        } else {
-            BatchNormUse::Running
-        };
-        global_pool(stages.forward_map(map, bn))
+        global_pool(stages.forward_map(map, trained_stages_bn(train)))
     }
 
     /// Logits for images.
@@ -336,14 +342,9 @@ impl CachedStages {
     fn logits(&self, rows: Tensor<2>, train: bool) -> Tensor<2> {
         let [n, _] = rows.dims();
         let [c, h, w] = self.shape;
-        let bn = if train {
-            BatchNormUse::Batch
-        } else {
-            BatchNormUse::Running
-        };
         let map = self
             .trained_stages
-            .forward_map(rows.reshape([n, c, h, w]), bn);
+            .forward_map(rows.reshape([n, c, h, w]), trained_stages_bn(train));
         self.head.forward(global_pool(map))
     }
 }

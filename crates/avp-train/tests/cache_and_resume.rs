@@ -16,7 +16,7 @@ use burn::data::dataloader::DataLoader;
 use burn::tensor::{Tensor, TensorData};
 
 mod common;
-use common::{make_dataset, scratch, serial, tiny_backbone};
+use common::{make_dataset, max_diff, scratch, serial, tiny_backbone, values};
 
 fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
@@ -385,39 +385,14 @@ fn killed_run_resumes(finetune: bool) {
         // as it would have: the same backbone as the uninterrupted run's.
         let weights = |m: &avp_train::TrainOutcome| {
             let net = m.model.classifier.backbone.0.network();
-            let mut v = net.layer4[0]
-                .conv1
-                .weight
-                .val()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            v.extend(
-                net.layer4[0]
-                    .bn1
-                    .running_mean
-                    .value_sync()
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .unwrap(),
-            );
+            let mut v = values(net.layer4[0].conv1.weight.val());
+            v.extend(values(net.layer4[0].bn1.running_mean.value_sync()));
             v
         };
         let (a, b) = (weights(&resumed), weights(&whole));
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = max_diff(&a, &b);
         assert!(d < 1e-5, "resumed vs uninterrupted layer4: {d}");
-        let orig = tiny_backbone(&device).model;
-        let o = orig.layer4[0]
-            .conv1
-            .weight
-            .val()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
+        let o = values(tiny_backbone(&device).model.layer4[0].conv1.weight.val());
         assert_ne!(o, a[..o.len()], "layer4 did not train");
     }
 

@@ -19,19 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::TrainStep;
 
 mod common;
-use common::{make_dataset, scratch, serial, tiny_backbone};
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
+use common::{make_dataset, max_diff, scratch, serial, tiny_backbone, values};
 
 fn finetune_config() -> TrainConfig {
     TrainConfig::new()
@@ -398,9 +386,6 @@ fn one_recipe(dir: &Path, device: &Device, recipe: &str, config: &TrainConfig, s
             .filter(|(a, b)| (*a - *b).abs() > 0.05 * step)
             .count() as f64
             / d_ours.len() as f64;
-        if std::env::var_os("AVP_DEBUG_PARITY").is_some() {
-            println!("  {name}: rel {rel:.1e} update {upd:.1e} off {off:.1e} step {step:.2e}");
-        }
         for (w, v) in [
             (&mut worst, rel),
             (&mut worst_update, upd),

@@ -63,3 +63,17 @@ pub fn tiny_backbone(device: &burn::tensor::Device) -> LoadedModel {
         .join("../../tests/fixtures/onnx/bottleneck_folded_op17_headless.onnx");
     load_weights(&path, device, &LoadOptions::default()).unwrap()
 }
+
+/// A tensor's values as `f32`.
+pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// The largest absolute difference of two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
