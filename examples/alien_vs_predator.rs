@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use avp::data::decode_rgb8;
-use avp::train::{ExecutionStrategy, OutputPolicy, train_with_policy};
+use avp::train::{OutputPolicy, train_with_policy};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
@@ -43,6 +43,17 @@ struct Args {
     out: PathBuf,
     #[command(flatten)]
     cache: CacheArgs,
+    /// Train on several devices, comma-separated (flex,flex; cuda:0,cuda:1;
+    /// default: --device alone). Each device takes its shard of every
+    /// epoch's shuffled batches and the gradients are summed: one optimiser
+    /// step sees one batch per device. The frozen backbone only (no
+    /// --finetune, no --bn-mode lesson).
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// How several devices train: auto (DDP when all are CUDA, Burn's
+    /// multi-device strategy otherwise), multi, or ddp (CUDA only)
+    #[arg(long, default_value = "auto", value_name = "STRATEGY")]
+    parallel: String,
     /// Remove a finished run in --out now, instead of keeping it until the
     /// new run has finished.
     #[arg(long)]
@@ -55,7 +66,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let matches = Args::command().get_matches();
-    let args = Args::from_arg_matches(&matches)?;
+    let mut args = Args::from_arg_matches(&matches)?;
     common::print_library_messages();
     let (weights, prep) = (&args.backbone.weights, &args.backbone.prep);
     let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
@@ -100,6 +111,21 @@ fn main() -> Result<()> {
     }
     // Refused here, before the backbone is loaded.
     let config = args.train.config(&args.cache, args.seed)?;
+    let parallel: avp::train::Parallel = args.parallel.parse()?;
+    if let Some(list) = &args.devices {
+        // The backbone loads on the first (the main) device.
+        let first = list
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        args.backbone.run.device = first;
+    }
+    let strategy = avp::train::execution_strategy(
+        args.devices.as_deref().unwrap_or(&args.backbone.run.device),
+        parallel,
+    )?;
     let device = args.backbone.run.device()?;
     let backbone = args.backbone.load(&device)?;
     println!("backbone: {}", backbone.config().describe());
@@ -109,14 +135,7 @@ fn main() -> Result<()> {
         overwrite: args.overwrite,
         restart: args.restart,
     };
-    let outcome = train_with_policy(
-        backbone,
-        &args.data,
-        &args.out,
-        &config,
-        ExecutionStrategy::SingleDevice(device.clone().without_autodiff()),
-        policy,
-    )?;
+    let outcome = train_with_policy(backbone, &args.data, &args.out, &config, strategy, policy)?;
     let last = outcome.epochs.last().context("no epoch finished")?;
     println!("final validation accuracy: {:.4}", last.valid_acc);
 

@@ -28,6 +28,34 @@ pub fn decode_rgb8(path: &Path) -> Result<RgbImage, DataError> {
     decode_rgb8_bytes(path, &bytes)
 }
 
+/// Reads only the header of an image file: checks that its content is an
+/// image format we decode and returns its size, without decoding pixels
+/// (the cheap check of [`crate::folder::Verify::Header`]). A file that
+/// passes may still fail [`decode_rgb8`] (a truncated or corrupt body).
+pub fn probe_size(path: &Path) -> Result<(u32, u32), DataError> {
+    let err = |reason: String| DataError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = ImageReader::open(path)
+        .map_err(|e| err(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| err(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(err("not an image format we recognise (by content)".into()));
+    }
+    let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(err("image has no pixels".into()));
+    }
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(err(format!(
+            "{w}x{h} pixels is over the limit of {MAX_PIXELS} pixels"
+        )));
+    }
+    Ok((w, h))
+}
+
 /// Decodes in-memory image bytes (`path` is only used in messages).
 pub fn decode_rgb8_bytes(path: &Path, bytes: &[u8]) -> Result<RgbImage, DataError> {
     let err = |reason: String| DataError::Decode {

@@ -1,9 +1,15 @@
 //! torchvision's `ImageFolder`: `root/<split>/<class>/<file>`, classes
 //! sorted by name (so class indices agree with torchvision's), files
 //! filtered by torchvision's `IMG_EXTENSIONS` (case-insensitive) and walked
-//! recursively in sorted order. Every file is decoded once, in parallel,
-//! when the folder is opened; undecodable files are reported and left out
-//! (or refused in `strict` mode), so indices never shift during a run.
+//! recursively in sorted order. By default every file is decoded once, in
+//! parallel, when the folder is opened; undecodable files are reported and
+//! left out (or refused in `strict` mode), so indices never shift during a
+//! run. Folders of more than [`FULL_VERIFY_LIMIT`] images, or any folder
+//! with [`Verify::Header`], are checked by reading each file's header only
+//! (format and size): opening a million photos then costs a directory walk
+//! and one small read per file, memory holds the file list and nothing
+//! more, and a file whose body is broken is reported, with its path, when
+//! it is first read.
 //!
 //! Links to folders inside a class folder are not followed, as torchvision's
 //! `os.walk(followlinks=False)` does not follow them: a link such as
@@ -19,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::decode::decode_rgb8;
+use crate::decode::{decode_rgb8, probe_size};
 use crate::error::DataError;
 
 /// torchvision's `IMG_EXTENSIONS`.
@@ -75,10 +81,46 @@ impl Split {
 /// Options for [`ImageFolder::open`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// Refuse the whole folder if any file fails to decode.
+    /// Refuse the whole folder if any file fails its check.
     pub strict: bool,
     /// Follow links to folders inside class folders (see the module docs).
     pub follow_links: bool,
+    /// How much of each file is read when the folder is opened.
+    pub verify: Verify,
+}
+
+/// Folders up to this many images are fully decoded when opened with
+/// [`Verify::Auto`]; larger ones get the header check.
+pub const FULL_VERIFY_LIMIT: usize = 20_000;
+
+/// How much of each image a folder reads when it is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// [`Verify::Full`] up to [`FULL_VERIFY_LIMIT`] images, [`Verify::Header`] above.
+    #[default]
+    Auto,
+    /// Decode every image (a broken file is reported and left out now).
+    Full,
+    /// Read each file's header only: its format and size. A file whose
+    /// body does not decode is reported, with its path, when it is first
+    /// read.
+    Header,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "full" => Ok(Self::Full),
+            "header" => Ok(Self::Header),
+            other => Err(format!(
+                "unknown check `{other}`: expected auto, full or header"
+            )),
+        }
+    }
 }
 
 /// One image of the folder.
@@ -118,6 +160,9 @@ pub struct ImageFolder {
     /// only those that lead back to a folder already walked (a cycle)
     /// with [`OpenOptions::follow_links`].
     pub links_not_followed: Vec<PathBuf>,
+    /// The check the images passed: [`Verify::Full`] (decoded) or
+    /// [`Verify::Header`].
+    pub verified: Verify,
 }
 
 /// A class this many times larger than the smallest one earns a warning.
@@ -129,18 +174,22 @@ fn has_image_extension(p: &Path) -> bool {
         .is_some_and(|e| IMG_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Decodes every candidate file in parallel (to read its size and to know
-/// it is an image); returns the readable ones and the skipped ones, each in
-/// the candidates' order.
-fn decode_all(candidates: Vec<(PathBuf, usize)>) -> (Vec<Sample>, Vec<Skipped>) {
+/// Checks every candidate file in parallel, by decoding it (`full`) or
+/// by reading its header, to read its size and to know it is an image;
+/// returns the readable ones and the skipped ones, each in the candidates'
+/// order.
+fn check_all(candidates: Vec<(PathBuf, usize)>, full: bool) -> (Vec<Sample>, Vec<Skipped>) {
+    let check = |path: &Path| {
+        if full {
+            decode_rgb8(path).map(|img| img.dimensions())
+        } else {
+            probe_size(path)
+        }
+    };
     let checked: Vec<Result<Sample, Skipped>> = candidates
         .into_par_iter()
-        .map(|(path, class)| match decode_rgb8(&path) {
-            Ok(img) => Ok(Sample {
-                size: img.dimensions(),
-                path,
-                class,
-            }),
+        .map(|(path, class)| match check(&path) {
+            Ok(size) => Ok(Sample { size, path, class }),
             Err(e) => Err(Skipped {
                 reason: match e {
                     DataError::Decode { reason, .. } => reason,
@@ -266,7 +315,7 @@ impl Walk<'_> {
 }
 
 impl ImageFolder {
-    /// Opens `root`'s `split`, decoding every image once to check it.
+    /// Opens `root`'s `split`, checking every image once (see [`Verify`]).
     pub fn open(root: &Path, split: Split, options: OpenOptions) -> Result<Self, DataError> {
         let dir = split.resolve(root)?;
         Self::open_dir(&dir, options)
@@ -327,7 +376,12 @@ impl ImageFolder {
                 });
             }
         }
-        let (samples, skipped) = decode_all(candidates);
+        let full = match options.verify {
+            Verify::Full => true,
+            Verify::Header => false,
+            Verify::Auto => candidates.len() <= FULL_VERIFY_LIMIT,
+        };
+        let (samples, skipped) = check_all(candidates, full);
         if options.strict
             && let Some(s) = skipped.first()
         {
@@ -352,6 +406,7 @@ impl ImageFolder {
             skipped,
             ignored,
             links_not_followed,
+            verified: if full { Verify::Full } else { Verify::Header },
         })
     }
 
@@ -407,6 +462,12 @@ impl fmt::Display for ImageFolder {
             self.len(),
             per.join(", ")
         )?;
+        if self.verified == Verify::Header {
+            write!(
+                f,
+                "; headers checked (a file whose image data is broken is reported when it is first read)"
+            )?;
+        }
         if !self.ignored.is_empty() {
             write!(
                 f,

@@ -16,10 +16,12 @@ pub mod loader;
 pub mod transform;
 
 pub use dataset::{ImageBatch, ImageBatcher, ImageDataset, ImageItem};
-pub use decode::{decode_rgb8, decode_rgb8_bytes};
+pub use decode::{decode_rgb8, decode_rgb8_bytes, probe_size};
 pub use error::DataError;
-pub use folder::{IMG_EXTENSIONS, ImageFolder, OpenOptions, Sample, Skipped, Split};
-pub use loader::{OrderedLoader, epoch_order};
+pub use folder::{
+    FULL_VERIFY_LIMIT, IMG_EXTENSIONS, ImageFolder, OpenOptions, Sample, Skipped, Split, Verify,
+};
+pub use loader::{EpochPlan, OrderedLoader, epoch_order};
 pub use transform::{
     AffineParams, CenterCrop, Channels, CropBox, Geometry, Normalize, Pipeline, RandomAffine,
     RandomHorizontalFlip, RandomResizedCrop, Resize, ResizeShorter, Rng, affine, crop,

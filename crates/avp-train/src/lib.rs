@@ -23,6 +23,7 @@ pub mod bridge;
 pub mod cache;
 pub mod classifier;
 mod error;
+pub mod featfile;
 pub mod finetune;
 pub mod metrics;
 pub mod output;
@@ -33,13 +34,17 @@ pub mod train;
 pub use artifacts::{Prediction, TrainedModel, load_model, predict_paths, save_model};
 pub use bridge::{data_normalize, eval_pipeline};
 pub use burn::train::ExecutionStrategy;
-pub use cache::{CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable};
+pub use cache::{
+    CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable, MergeOutcome, Shard, ShardOutcome,
+    merge_dir,
+};
 pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
 pub use error::TrainError;
 pub use finetune::{OptimizerKind, parse_stages};
 pub use metrics::{EpochMetrics, lesson_lines, read_metrics_csv};
 pub use plot::{plot_curves, plot_predictions};
 pub use train::{
-    Augmentation, EvalTransform, OutputPolicy, TrainConfig, TrainOutcome, open_splits,
-    open_splits_with, resume_point, train, train_with, train_with_policy,
+    Augmentation, EvalTransform, OutputPolicy, Parallel, TrainConfig, TrainOutcome,
+    execution_strategy, extract_shard, open_splits, open_splits_with, resume_point, train,
+    train_with, train_with_policy,
 };

@@ -78,6 +78,11 @@ pub struct TrainConfig {
     /// [`avp_data::OpenOptions::follow_links`]).
     #[config(default = false)]
     pub follow_links: bool,
+    /// How much of each image is checked when the folders are opened
+    /// ([`avp_data::Verify`]: by default a full decode up to
+    /// [`avp_data::FULL_VERIFY_LIMIT`] images, the header above).
+    #[config(default = "avp_data::Verify::Auto")]
+    pub verify: avp_data::Verify,
     /// Which augmentation, when `augment` is on.
     #[config(default = "Augmentation::Lesson")]
     pub augmentation: Augmentation,
@@ -586,16 +591,122 @@ where
     Ok((result.model, epochs))
 }
 
-/// The one device of a strategy; multi-device strategies are refused
-/// until the backbone can be replicated.
-fn strategy_device(strategy: &ExecutionStrategy) -> Result<Device, TrainError> {
-    match strategy {
-        ExecutionStrategy::SingleDevice(d) => Ok(d.clone()),
-        ExecutionStrategy::MultiDevice(ds, _) if ds.len() == 1 => Ok(ds[0].clone()),
-        _ => Err(TrainError::Config(
-            "multi-device and distributed training are not supported yet: pass ExecutionStrategy::SingleDevice".into(),
+/// How several devices share one training run (see [`execution_strategy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Parallel {
+    /// DDP when every device is CUDA, burn-train's multi-device strategy
+    /// otherwise.
+    #[default]
+    Auto,
+    /// burn-train's `MultiDevice` strategy with the optimiser on the first
+    /// device: one thread per device, each on its shard of every epoch;
+    /// the gradients are moved to the first device and summed, and one
+    /// optimiser step follows.
+    Multi,
+    /// burn-train's distributed data parallel: one model copy per device,
+    /// gradients summed by an all-reduce through NCCL. CUDA devices only.
+    Ddp,
+}
+
+impl std::str::FromStr for Parallel {
+    type Err = TrainError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "multi" | "multi-device" => Ok(Self::Multi),
+            "ddp" => Ok(Self::Ddp),
+            other => Err(TrainError::Config(format!(
+                "unknown parallel strategy `{other}`: expected auto, multi or ddp"
+            ))),
+        }
+    }
+}
+
+/// Burn's execution strategy for the comma-separated device names
+/// `devices` (`flex`, `flex,flex`, `cuda:0,cuda:1`): one device trains
+/// alone; several train with `parallel` ([`Parallel::Auto`]: DDP when all
+/// are CUDA devices, multi-device otherwise). Gradients are summed on
+/// every path. DDP on anything but CUDA is refused here, before Burn
+/// would panic setting it up.
+pub fn execution_strategy(
+    devices: &str,
+    parallel: Parallel,
+) -> Result<ExecutionStrategy, TrainError> {
+    let names: Vec<&str> = devices.split(',').map(str::trim).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        return Err(TrainError::Config(format!(
+            "--devices {devices:?}: expected device names separated by commas, e.g. flex,flex or cuda:0,cuda:1"
+        )));
+    }
+    let parsed = names
+        .iter()
+        .map(|n| avp_model::parse_device(n).map(|d| d.without_autodiff()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let all_cuda = names
+        .iter()
+        .all(|n| n.to_ascii_lowercase().starts_with("cuda"));
+    match (parallel, all_cuda) {
+        (Parallel::Ddp, false) => Err(TrainError::Config(format!(
+            "DDP all-reduces gradients through NCCL, which needs CUDA devices (got {devices}); \
+             use --parallel multi (burn-train's multi-device strategy) for {devices}"
+        ))),
+        (Parallel::Ddp, true) | (Parallel::Auto, true) if parsed.len() > 1 => {
+            let config = burn::tensor::distributed::DistributedConfig {
+                all_reduce_op: burn::tensor::distributed::ReduceOperation::Sum,
+            };
+            Ok(ExecutionStrategy::ddp(parsed, config))
+        }
+        _ if parsed.len() == 1 => Ok(ExecutionStrategy::SingleDevice(parsed[0].clone())),
+        _ => Ok(ExecutionStrategy::MultiDevice(
+            parsed,
+            burn::train::MultiDeviceOptim::OptimMainDevice,
         )),
     }
+}
+
+/// The main device of a strategy and how many devices train: several
+/// only with the frozen backbone (a head alone, or the cached head), as
+/// trained BatchNorm layers (`--bn-mode lesson`, `--finetune`) would keep
+/// their batch statistics per device.
+fn strategy_devices(
+    strategy: &ExecutionStrategy,
+    config: &TrainConfig,
+) -> Result<(Device, usize), TrainError> {
+    let devices: &[Device] = match strategy {
+        ExecutionStrategy::SingleDevice(d) => std::slice::from_ref(d),
+        ExecutionStrategy::MultiDevice(ds, _) => ds,
+        ExecutionStrategy::DistributedDataParallel { devices, .. } => devices,
+    };
+    let Some(main) = devices.first() else {
+        return Err(TrainError::Config(
+            "the execution strategy names no device".into(),
+        ));
+    };
+    let n = devices.len();
+    if n > 1 && config.bn_mode == BnMode::Lesson {
+        return Err(TrainError::Config(format!(
+            "--bn-mode lesson with {n} devices: the backbone's BatchNorm would use each device's share of the batch \
+             and update running statistics on copies that are thrown away; train on several devices with --bn-mode frozen, \
+             or on one device"
+        )));
+    }
+    if n > 1 && !config.finetune.is_empty() {
+        return Err(TrainError::Config(format!(
+            "--finetune with {n} devices: the fine-tuned stages' BatchNorm running statistics would be updated on each \
+             device's copy and lost; fine-tune on one device (several devices train the head on the frozen backbone)"
+        )));
+    }
+    Ok((main.clone(), n))
+}
+
+/// Optimiser steps per epoch when `len` items in batches of `batch` are
+/// cut into `devices` shards as burn-train cuts them (equal parts, the
+/// last one taking the rest): one step per round of one batch per device.
+fn steps_per_epoch(len: usize, batch: usize, devices: usize) -> usize {
+    let devices = devices.max(1);
+    let last = len - (devices - 1) * (len / devices);
+    last.div_ceil(batch.max(1))
 }
 
 /// Trains a head on `backbone` (frozen) over the image folder `root` on
@@ -617,8 +728,10 @@ pub fn train(
     )
 }
 
-/// [`train`] with Burn's `ExecutionStrategy` (single device for now),
-/// keeping a finished run in `out_dir` until the new one has finished (see
+/// [`train`] with Burn's `ExecutionStrategy`: one device, or several
+/// (see [`execution_strategy`]: the frozen backbone only, each device
+/// training on its shard of every epoch's shuffled order, gradients
+/// summed), keeping a finished run in `out_dir` until the new one has finished (see
 /// [`train_with_policy`]).
 pub fn train_with(
     backbone: impl Into<Backbone>,
@@ -658,7 +771,7 @@ pub fn train_with_policy(
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let backbone = Arc::new(backbone.into().headless());
-    let device = strategy_device(&strategy)?;
+    let (device, device_count) = strategy_devices(&strategy, config)?;
     let (train_folder, valid_folder) = check_inputs(&backbone, root, out_dir, config, &device)?;
     let classes = train_folder.classes.clone();
     // Nothing is written into `out_dir` before this lock is held.
@@ -668,14 +781,14 @@ pub fn train_with_policy(
     let out_dir = work.as_path();
     // The validation transform is stored with the model: predictions
     // later see images as validation did.
-    let normalization = config.eval_transform.resolve(backbone.normalization());
-    let normalize = data_normalize(&normalization);
-    let eval = eval_pipeline(&normalization);
-    let train_pipeline = match (config.augment, config.augmentation) {
-        (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
-        (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
-        (false, _) => eval.clone(),
-    };
+    let (normalization, train_pipeline, eval) = pipelines(&backbone, config);
+    if device_count > 1 {
+        report::info(format!(
+            "training on {device_count} devices: each runs its shard of every epoch's batches, and the {device_count} \
+             gradients of a step are summed (an optimiser step sees {device_count} batches of {})",
+            config.batch_size
+        ));
+    }
     let inner = device.clone().without_autodiff();
     let ad = inner.clone().autodiff();
     inner.seed(config.seed);
@@ -699,7 +812,7 @@ pub fn train_with_policy(
         strategy,
         resume,
         done,
-        batches: job.folders.0.len().div_ceil(config.batch_size),
+        batches: steps_per_epoch(job.folders.0.len(), config.batch_size, device_count),
     };
     let (model, epochs, cache) = if config.feature_cache {
         train_cached(job, run)?
@@ -727,6 +840,104 @@ pub fn train_with_policy(
     Ok(outcome)
 }
 
+/// The validation transform (stored with the model: predictions later see
+/// images as validation did), the training pipeline, and the evaluation
+/// pipeline of `config` on `backbone`.
+fn pipelines(
+    backbone: &Backbone,
+    config: &TrainConfig,
+) -> (avp_model::Normalization, Pipeline, Pipeline) {
+    let normalization = config.eval_transform.resolve(backbone.normalization());
+    let normalize = data_normalize(&normalization);
+    let eval = eval_pipeline(&normalization);
+    let train_pipeline = match (config.augment, config.augmentation) {
+        (true, Augmentation::Lesson) => Pipeline::lesson(normalize),
+        (true, Augmentation::Tutorial) => Pipeline::tutorial(normalize),
+        (false, _) => eval.clone(),
+    };
+    (normalization, train_pipeline, eval)
+}
+
+/// The feature jobs of a cached run: the training split (one view
+/// without augmentation, `cache_views` augmented views with it) and the
+/// validation split (one view), with the prefix map when fine-tuning.
+/// The one place the cached run's keys come from, shared by training and
+/// by [`extract_shard`].
+fn feature_jobs<'a>(
+    backbone: &Backbone,
+    config: &TrainConfig,
+    folders: (&'a ImageFolder, &'a ImageFolder),
+    pipelines: (Pipeline, Pipeline),
+    device: &Device,
+) -> [FeatureJob<'a>; 2] {
+    let max_bytes = (config.cache_max_gb * 1e9) as u64;
+    let views = if config.augment {
+        config.cache_views
+    } else {
+        1
+    };
+    let prefix = config.finetune.first().map(|&stage| {
+        (
+            stage,
+            crate::cache::prefix_shape(backbone, stage, 224, device),
+        )
+    });
+    let job = |label, folder, pipeline, views| FeatureJob {
+        label,
+        folder,
+        pipeline,
+        views,
+        seed: config.seed,
+        batch_size: 8,
+        max_bytes,
+        prefix,
+    };
+    [
+        job("train", folders.0, pipelines.0, views),
+        job("validation", folders.1, pipelines.1, 1),
+    ]
+}
+
+/// Computes shard `shard` of the cached features a run with `config` on
+/// the image folder `root` would use (both splits: the images of each cut
+/// as [`crate::cache::Shard::range`] says) and writes them into `dir`,
+/// one shard file per split, atomically. A run of training with
+/// `cache_dir` pointed at `dir` (or [`crate::cache::merge_dir`]) merges a
+/// complete set into the features one process computes, byte for byte.
+/// A finished shard is not computed again.
+pub fn extract_shard(
+    backbone: impl Into<Backbone>,
+    root: &Path,
+    config: &TrainConfig,
+    shard: crate::cache::Shard,
+    dir: &Path,
+    device: &Device,
+) -> Result<Vec<crate::cache::ShardOutcome>, TrainError> {
+    let config = &config.clone().with_feature_cache(true);
+    config.validate()?;
+    let backbone = backbone.into().headless();
+    let options = OpenOptions {
+        follow_links: config.follow_links,
+        verify: config.verify,
+        ..OpenOptions::default()
+    };
+    let (train_folder, valid_folder) = open_splits_with(root, options)?;
+    backbone.check_input_size(224, 224)?;
+    let (normalization, train_pipeline, eval) = pipelines(&backbone, config);
+    let inner = device.clone().without_autodiff();
+    let jobs = feature_jobs(
+        &backbone,
+        config,
+        (&train_folder, &valid_folder),
+        (train_pipeline, eval),
+        &inner,
+    );
+    crate::cache::check_writable(dir)?;
+    jobs.iter()
+        .map(|job| crate::cache::extract_shard(&backbone, &normalization, job, shard, dir, &inner))
+        .collect()
+}
+
 /// Everything checked before anything is written: the output folder is
 /// not a file, the cache folder is writable, both splits open and make a
 /// classification problem, the input size fits the network, and the
@@ -749,6 +960,7 @@ fn check_inputs(
     }
     let options = OpenOptions {
         follow_links: config.follow_links,
+        verify: config.verify,
         ..OpenOptions::default()
     };
     let (train_folder, valid_folder) = open_splits_with(root, options)?;
@@ -886,44 +1098,18 @@ fn train_cached(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
         start_epoch,
     } = job;
     let dir = feature_dir(config);
-    let max_bytes = (config.cache_max_gb * 1e9) as u64;
-    let views = if config.augment {
-        config.cache_views
-    } else {
-        1
-    };
-    // Fine-tuning caches the frozen prefix: the map entering the first
-    // trained stage.
-    let prefix = config.finetune.first().map(|&stage| {
-        (
-            stage,
-            crate::cache::prefix_shape(backbone, stage, 224, &inner),
-        )
-    });
-    let job = |label, folder, pipeline, views| FeatureJob {
-        label,
-        folder,
-        pipeline,
-        views,
-        seed: config.seed,
-        batch_size: 8,
-        max_bytes,
-        prefix,
-    };
-    let (train_table, o1) = crate::cache::features(
+    let [train_job, valid_job] = feature_jobs(
         backbone,
-        normalization,
-        &job("train", &train_folder, train_pipeline, views),
-        Some(&dir),
+        config,
+        (&train_folder, &valid_folder),
+        (train_pipeline, eval),
         &inner,
-    )?;
-    let (valid_table, o2) = crate::cache::features(
-        backbone,
-        normalization,
-        &job("validation", &valid_folder, eval.clone(), 1),
-        Some(&dir),
-        &inner,
-    )?;
+    );
+    let prefix = train_job.prefix;
+    let (train_table, o1) =
+        crate::cache::features(backbone, normalization, &train_job, Some(&dir), &inner)?;
+    let (valid_table, o2) =
+        crate::cache::features(backbone, normalization, &valid_job, Some(&dir), &inner)?;
     let origin = if o1 == CacheOrigin::Disk && o2 == CacheOrigin::Disk {
         CacheOrigin::Disk
     } else {
@@ -984,4 +1170,238 @@ fn feature_dir(config: &TrainConfig) -> PathBuf {
         .cache_dir
         .clone()
         .unwrap_or_else(|| avp_model::cache_root().join("features"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::FeatureTable;
+    use burn::data::dataloader::split::split_dataloader;
+
+    /// A fixed table: `len` rows of `width` pseudo-random features, the
+    /// class a function of the features (so the head has something to
+    /// learn), rows in `order`.
+    fn table(len: usize, width: usize, order: &[usize]) -> FeatureTable {
+        let mut rng = avp_data::Rng::for_item(7, 0, 0);
+        let rows: Vec<Vec<f32>> = (0..len)
+            .map(|_| {
+                (0..width)
+                    .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let class = |r: &[f32]| usize::from(r[0] + r[1] > 0.0);
+        let values = order.iter().flat_map(|&i| rows[i].clone()).collect();
+        let targets = order.iter().map(|&i| class(&rows[i])).collect();
+        FeatureTable::new(len, 1, width, targets, values).unwrap()
+    }
+
+    fn head_values(head: &crate::classifier::Head) -> Vec<f32> {
+        let mut v = Vec::new();
+        for l in &head.layers {
+            v.extend(l.weight.val().into_data().try_to_vec::<f32>().unwrap());
+            if let Some(b) = &l.bias {
+                v.extend(b.val().into_data().try_to_vec::<f32>().unwrap());
+            }
+        }
+        v
+    }
+
+    /// One epoch of the cached head over `table` (in its order, not
+    /// shuffled) with `strategy`; the head after it.
+    fn one_epoch(
+        table: FeatureTable,
+        batch: usize,
+        config: &TrainConfig,
+        strategy: ExecutionStrategy,
+        head: crate::classifier::Head,
+        tag: &str,
+    ) -> Vec<f32> {
+        let device = avp_model::parse_device("flex").unwrap();
+        let (_, n) = strategy_devices(&strategy, config).unwrap();
+        let out = std::env::temp_dir().join(format!("avp-multi-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let len = table.len;
+        let train = FeatureLoader::new(table.clone(), batch, None, &device.clone().autodiff());
+        let valid = FeatureLoader::new(table, batch, None, &device);
+        let run = Run {
+            out_dir: &out,
+            config,
+            strategy,
+            resume: None,
+            done: Vec::new(),
+            batches: steps_per_epoch(len, batch, n),
+        };
+        let (trained, epochs) =
+            launch(CachedHead::new(head), Arc::new(train), Arc::new(valid), run).unwrap();
+        assert_eq!(epochs.len(), 1);
+        let _ = std::fs::remove_dir_all(&out);
+        head_values(&trained.head)
+    }
+
+    /// `|a - b| / |b|` (L2 norms).
+    fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+        let d = norm(&mut a.iter().zip(b).map(|(x, y)| f64::from(x - y)));
+        d / norm(&mut b.iter().map(|&y| f64::from(y))).max(1e-30)
+    }
+
+    /// Two flex devices (burn-train's multi-device strategy: two threads,
+    /// gradients moved to the first device and summed) give the head a
+    /// single device gets from batches that are the two shards' batches
+    /// concatenated: with Adam at the same learning rate (Adam hardly sees
+    /// the doubled gradient), with SGD at twice the learning rate (the sum
+    /// of two means is twice the mean of the concatenated batch). At the
+    /// lesson's Adam rate (1e-3): Adam's epsilon (1e-8) meets a gradient
+    /// twice as large, which moves a weight whose gradient is itself near
+    /// 1e-6 by a part in a few hundred of its step, and the bar is 1e-5.
+    #[test]
+    fn two_devices_sum_gradients_of_their_shards() {
+        let (len, width, batch) = (32, 6, 4);
+        let flex = avp_model::parse_device("flex").unwrap();
+        let two = || {
+            ExecutionStrategy::MultiDevice(
+                vec![flex.clone(), flex.clone()],
+                burn::train::MultiDeviceOptim::OptimMainDevice,
+            )
+        };
+        // Device 0 gets positions 0..16, device 1 positions 16..32; step k
+        // sees batch k of each: the single device sees them side by side.
+        let half = len / 2;
+        let concat: Vec<usize> = (0..half / batch)
+            .flat_map(|k| {
+                (k * batch..(k + 1) * batch).chain(half + k * batch..half + (k + 1) * batch)
+            })
+            .collect();
+        let natural: Vec<usize> = (0..len).collect();
+        for (optimizer, lr, factor) in [
+            (OptimizerKind::Adam, 1e-3, 1.0),
+            (OptimizerKind::Sgd, 5e-2, 2.0),
+        ] {
+            let config = TrainConfig::new()
+                .with_epochs(1)
+                .with_batch_size(batch)
+                .with_lr(lr)
+                .with_optimizer(optimizer)
+                .with_feature_cache(true);
+            let ad = flex.clone().autodiff();
+            let head = config.head.init(width, 2, &ad).unwrap();
+            let multi = one_epoch(
+                table(len, width, &natural),
+                batch,
+                &config,
+                two(),
+                head.clone(),
+                "two",
+            );
+            let single_config = config.clone().with_lr(lr * factor);
+            let single = one_epoch(
+                table(len, width, &concat),
+                2 * batch,
+                &single_config,
+                ExecutionStrategy::SingleDevice(flex.clone()),
+                head.clone(),
+                "one",
+            );
+            let start = head_values(&head);
+            let d = rel_diff(&multi, &single);
+            eprintln!(
+                "{optimizer:?}: two devices vs concatenated batches, relative difference {d:.1e}"
+            );
+            assert!(
+                d < 1e-5,
+                "{optimizer:?}: two devices vs concatenated batches: {d}"
+            );
+            assert!(
+                rel_diff(&multi, &start) > 1e-3,
+                "{optimizer:?}: the head did not train"
+            );
+            // Without the factor SGD's step is half as long: the test can fail.
+            if factor != 1.0 {
+                let half_lr = one_epoch(
+                    table(len, width, &concat),
+                    2 * batch,
+                    &config,
+                    ExecutionStrategy::SingleDevice(flex.clone()),
+                    head,
+                    "half",
+                );
+                assert!(rel_diff(&multi, &half_lr) > 1e-4);
+            }
+        }
+    }
+
+    /// burn-train's cut of a loader over several devices: each item once
+    /// per epoch, every device sees both classes, one epoch counter.
+    #[test]
+    fn devices_see_every_item_once_per_epoch_with_mixed_classes() {
+        let flex = avp_model::parse_device("flex").unwrap();
+        let len = 40;
+        // Sorted by class, as an image folder is.
+        let order: Vec<usize> = (0..len).collect();
+        let mut t = table(len, 3, &order);
+        t.targets = (0..len).map(|i| usize::from(i >= len / 2)).collect();
+        let loader: Arc<dyn DataLoader<crate::cache::FeatureBatch>> =
+            Arc::new(FeatureLoader::new(t, 4, Some(3), &flex));
+        let shards = split_dataloader(loader, &[flex.clone(), flex.clone(), flex.clone()]);
+        let mut previous = Vec::new();
+        for epoch in 0..3 {
+            let mut seen = Vec::new();
+            for shard in &shards {
+                let mut classes = std::collections::BTreeSet::new();
+                for b in shard.iter() {
+                    let b = b.unwrap();
+                    classes.extend(
+                        b.targets
+                            .into_data()
+                            .convert::<i64>()
+                            .try_to_vec::<i64>()
+                            .unwrap(),
+                    );
+                    seen.extend(b.indices);
+                }
+                assert_eq!(classes.len(), 2, "epoch {epoch}: a device saw one class");
+            }
+            let mut sorted = seen.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..len).collect::<Vec<_>>(), "epoch {epoch}");
+            assert_ne!(seen, previous, "epoch {epoch} repeated the last order");
+            previous = seen;
+        }
+    }
+
+    #[test]
+    fn strategies_are_checked_before_burn_sees_them() {
+        let e = execution_strategy("flex,flex", Parallel::Ddp)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("needs CUDA devices") && e.contains("--parallel multi"),
+            "{e}"
+        );
+        assert!(matches!(
+            execution_strategy("flex,flex", Parallel::Auto).unwrap(),
+            ExecutionStrategy::MultiDevice(ref d, _) if d.len() == 2
+        ));
+        assert!(matches!(
+            execution_strategy("flex", Parallel::Auto).unwrap(),
+            ExecutionStrategy::SingleDevice(_)
+        ));
+        assert!(execution_strategy("flex,,flex", Parallel::Auto).is_err());
+        assert!(execution_strategy("flex,gpu9", Parallel::Auto).is_err());
+        assert!("bogus".parse::<Parallel>().is_err());
+        let two = execution_strategy("flex,flex", Parallel::Multi).unwrap();
+        let lesson = TrainConfig::new().with_bn_mode(BnMode::Lesson);
+        let e = strategy_devices(&two, &lesson).unwrap_err().to_string();
+        assert!(e.contains("--bn-mode lesson with 2 devices"), "{e}");
+        let ft = TrainConfig::new().with_finetune(vec![avp_model::Stage::Layer4]);
+        let e = strategy_devices(&two, &ft).unwrap_err().to_string();
+        assert!(e.contains("--finetune with 2 devices"), "{e}");
+        assert_eq!(steps_per_epoch(10, 3, 1), 4);
+        assert_eq!(steps_per_epoch(10, 3, 2), 2);
+        assert_eq!(steps_per_epoch(11, 3, 2), 2);
+        assert_eq!(steps_per_epoch(13, 3, 2), 3);
+    }
 }

@@ -22,7 +22,7 @@ fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
-    v.retain(|p| p.extension().is_some_and(|e| e == "features"));
+    v.retain(|p| p.to_string_lossy().ends_with(".features.safetensors"));
     v.sort();
     v
 }
@@ -222,6 +222,30 @@ fn feature_cache_settings_that_cannot_work_are_refused() {
 
 const CHILD_OUT: &str = "AVP_RESUME_CHILD_OUT";
 const CHILD_FINETUNE: &str = "AVP_RESUME_CHILD_FINETUNE";
+const CHILD_DEVICES: &str = "AVP_RESUME_CHILD_DEVICES";
+
+/// The devices a resume test trains on: one flex device, or two (Burn's
+/// multi-device strategy: two threads, each on its shard of the epoch).
+fn resume_strategy(two: bool) -> avp_train::ExecutionStrategy {
+    let devices = if two { "flex,flex" } else { "flex" };
+    avp_train::execution_strategy(devices, avp_train::Parallel::Auto).unwrap()
+}
+
+fn train_on(
+    two: bool,
+    data: &Path,
+    out: &Path,
+    config: &TrainConfig,
+) -> Result<avp_train::TrainOutcome, avp_train::TrainError> {
+    let device = parse_device("flex").unwrap();
+    avp_train::train_with(
+        tiny_backbone(&device),
+        data,
+        out,
+        config,
+        resume_strategy(two),
+    )
+}
 
 /// The run to kill and resume: the frozen lesson recipe, or fine-tuning
 /// `layer4` with SGD, momentum and a step schedule (whose optimiser and
@@ -263,6 +287,7 @@ fn resume_child() {
         return;
     };
     let finetune = std::env::var_os(CHILD_FINETUNE).is_some();
+    let two = std::env::var_os(CHILD_DEVICES).is_some();
     let out = std::path::PathBuf::from(out);
     let data = resume_data(out.parent().unwrap());
     let watch = out.clone();
@@ -278,32 +303,35 @@ fn resume_child() {
             std::thread::sleep(Duration::from_millis(2));
         }
     });
-    let device = parse_device("flex").unwrap();
-    train(
-        tiny_backbone(&device),
-        &data,
-        &out,
-        &resume_config(finetune),
-        &device,
-    )
-    .unwrap();
+    train_on(two, &data, &out, &resume_config(finetune)).unwrap();
     // Reaching the end means the watcher missed the checkpoint.
     std::process::exit(3);
 }
 
 #[test]
 fn a_killed_run_resumes_after_its_last_finished_epoch() {
-    killed_run_resumes(false);
+    killed_run_resumes(false, false);
 }
 
 #[test]
 fn a_killed_finetuning_run_resumes_with_its_optimiser_and_schedule() {
-    killed_run_resumes(true);
+    killed_run_resumes(true, false);
 }
 
-fn killed_run_resumes(finetune: bool) {
+/// Two devices: each shard starts at the resumed epoch, so the resumed run
+/// sees the batches the uninterrupted one saw.
+#[test]
+fn a_killed_two_device_run_resumes_as_if_never_stopped() {
+    killed_run_resumes(false, true);
+}
+
+fn killed_run_resumes(finetune: bool, two: bool) {
     let _serial = serial();
-    let s = scratch(if finetune { "resume-ft" } else { "resume" });
+    let s = scratch(match (finetune, two) {
+        (true, _) => "resume-ft",
+        (false, true) => "resume-two",
+        (false, false) => "resume",
+    });
     let data = resume_data(&s.0);
     let out = s.0.join("out");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
@@ -312,6 +340,9 @@ fn killed_run_resumes(finetune: bool) {
         .env(CHILD_OUT, &out);
     if finetune {
         child.env(CHILD_FINETUNE, "1");
+    }
+    if two {
+        child.env(CHILD_DEVICES, "1");
     }
     let status = child
         .stdout(std::process::Stdio::null())
@@ -339,7 +370,7 @@ fn killed_run_resumes(finetune: bool) {
         resume_point(&out, &config.clone().with_lr(1e-4), &sha, &data),
         None
     );
-    let resumed = train(tiny_backbone(&device), &data, &out, &config, &device).unwrap();
+    let resumed = train_on(two, &data, &out, &config).unwrap();
     let k = resumed.resumed_after.expect("the run should resume");
     assert!((2..4).contains(&k), "resumed after epoch {k}");
     // No finished epoch is lost or repeated.
@@ -352,14 +383,7 @@ fn killed_run_resumes(finetune: bool) {
     assert!(out.join("model.bpk").is_file());
 
     // The resumed run is the run that was never interrupted.
-    let whole = train(
-        tiny_backbone(&device),
-        &data,
-        &s.0.join("whole"),
-        &config,
-        &device,
-    )
-    .unwrap();
+    let whole = train_on(two, &data, &s.0.join("whole"), &config).unwrap();
     assert_eq!(whole.resumed_after, None);
     assert!(whole.epochs[3].valid_acc >= 0.75, "{:?}", whole.epochs);
     let acc = |ms: &[avp_train::EpochMetrics]| {
