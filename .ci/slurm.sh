@@ -31,7 +31,7 @@ declare -a TIMES=()
 lap() { TIMES+=("$(printf '  %-34s %5ds' "$1" $(( SECONDS - $2 )))"); }
 
 for b in features alien_vs_predator; do
-  [ -x "$AVP_BIN/$b" ] || { echo "slurm stage: $AVP_BIN/$b is missing (cargo build --release --examples)" >&2; exit 1; }
+  [ -x "$AVP_BIN/$b" ] || { echo "slurm stage: $AVP_BIN/$b is missing (cargo build --examples)" >&2; exit 1; }
 done
 [ -d "$DATA" ] || { echo "slurm stage: missing shared data: $DATA" >&2; exit 1; }
 

@@ -29,10 +29,10 @@ use common::{BackboneArgs, CacheArgs, TrainArgs};
 /// Compute one shard of the feature cache, or merge finished shards.
 #[derive(Parser, Debug)]
 #[command(
+    name = "features",
     version,
     args_override_self = true,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
     #[command(subcommand)]
@@ -54,7 +54,7 @@ struct Args {
     /// Folder of the shard files (shared by all shards; training reads it
     /// with --cache-dir).
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     #[command(flatten)]
     backbone: BackboneArgs,
     #[command(flatten)]
@@ -89,6 +89,9 @@ fn main() -> Result<()> {
         );
     };
     let shard: Shard = shard.parse()?;
+    let Some(out) = &args.out else {
+        bail!("pass --out DIR: the folder the shard files go to (shared by all shards)");
+    };
     if !args.data.is_dir() {
         bail!(
             "no dataset at {}: expected DIR/train (or entrenamiento) and DIR/val (or validation, validacion), \
@@ -103,9 +106,9 @@ fn main() -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     println!("backbone: {}", backbone.config().describe());
     println!("input:    {}", backbone.normalization().describe());
-    println!("shard:    {shard} into {}", args.out.display());
+    println!("shard:    {shard} into {}", out.display());
     let outcomes =
-        avp::train::extract_shard(backbone, &args.data, &config, shard, &args.out, &device)?;
+        avp::train::extract_shard(backbone, &args.data, &config, shard, out, &device)?;
     for o in &outcomes {
         match o {
             ShardOutcome::Written(f) => println!("written:  {}", f.display()),
@@ -118,8 +121,8 @@ fn main() -> Result<()> {
         "when all {} shards are done: `features merge --out {}`, or train with --feature-cache --cache-dir {} \
          and the same recipe flags",
         shard.count,
-        args.out.display(),
-        args.out.display()
+        out.display(),
+        out.display()
     );
     Ok(())
 }
