@@ -25,6 +25,8 @@ CLUSTER="$OUT/cluster"
 LOGS="$OUT/logs"
 DATA="$SHARED/data/alien_vs_predator_thumbnails/data"
 SHARDS=4
+# The committed ResNet18, by absolute path: the jobs run in another folder.
+WEIGHTS="--weights $ROOT/weights/mlnet-resnet18/ResNet18.onnx --prep $ROOT/weights/mlnet-resnet18/ResNetPreprocess.onnx"
 TIMEOUT=${AVP_SLURM_CI_TIMEOUT:-1200}
 T0=$SECONDS
 declare -a TIMES=()
@@ -73,7 +75,7 @@ lap "start the cluster" $t
 # 2. The reference: one process, its own cache.
 t=$SECONDS
 rm -rf "$OUT/ref-features" "$OUT/ref-run"
-"$AVP_BIN/alien_vs_predator" --data "$DATA" --feature-cache --no-augment --epochs 3 --seed 0 \
+"$AVP_BIN/alien_vs_predator" $WEIGHTS --data "$DATA" --feature-cache --no-augment --epochs 3 --seed 0 \
     --cache-dir "$OUT/ref-features" --out "$OUT/ref-run" > "$OUT/ref-run.log" 2>&1 \
   || { tail -n 40 "$OUT/ref-run.log" >&2; die "the reference run failed"; }
 lap "reference (one process)" $t
@@ -81,7 +83,7 @@ lap "reference (one process)" $t
 # 3. The pipeline on the cluster.
 t=$SECONDS
 export AVP_BIN AVP_FEATURES="$OUT/features" AVP_RUN="$OUT/run" AVP_LOGS="$LOGS" AVP_SHARDS=$SHARDS
-export AVP_ARGS="--data $DATA --no-augment --seed 0" AVP_TRAIN_ARGS="--epochs 3"
+export AVP_ARGS="$WEIGHTS --data $DATA --no-augment --seed 0" AVP_TRAIN_ARGS="--epochs 3"
 rm -rf "$AVP_FEATURES" "$AVP_RUN" "$LOGS"
 ids=$(cd "$OUT" && bash "$SLURM/run.sh")
 read -r jid tid <<< "$ids"

@@ -114,7 +114,7 @@ fn measure(dir: &Path, verify: &str) -> Measure {
     );
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("SCALE "))
+        .find_map(|l| l.find("SCALE ").map(|at| &l[at + 6..]))
         .unwrap_or_else(|| panic!("no measurement in {text}"));
     let f: Vec<&str> = line.split_whitespace().collect();
     Measure {
