@@ -107,8 +107,7 @@ fn main() -> Result<()> {
     println!("backbone: {}", backbone.config().describe());
     println!("input:    {}", backbone.normalization().describe());
     println!("shard:    {shard} into {}", out.display());
-    let outcomes =
-        avp::train::extract_shard(backbone, &args.data, &config, shard, out, &device)?;
+    let outcomes = avp::train::extract_shard(backbone, &args.data, &config, shard, out, &device)?;
     for o in &outcomes {
         match o {
             ShardOutcome::Written(f) => println!("written:  {}", f.display()),

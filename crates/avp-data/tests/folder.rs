@@ -464,3 +464,54 @@ fn a_strong_class_imbalance_is_warned_about() {
         "{f}"
     );
 }
+
+/// `--verify header`: a file whose header is fine but whose body is cut
+/// stays in the list (only its header was read), and its error, naming
+/// the file, comes when it is first read; a file that is not an image at
+/// all is still left out at open. A full check leaves both out.
+#[test]
+fn the_header_check_defers_a_broken_body_to_the_first_read() {
+    let s = Scratch::new("verify");
+    let jpeg = real_jpeg();
+    s.file("train/a/good.jpg", &jpeg);
+    s.file("train/a/cut.jpg", &jpeg[..jpeg.len() / 2]);
+    s.file("train/a/text.jpg", b"not an image at all");
+    s.file("train/b/good.jpg", &jpeg);
+    let open = |verify| {
+        ImageFolder::open_dir(
+            &s.0.join("train"),
+            OpenOptions {
+                verify,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let full = open(avp_data::Verify::Full);
+    assert_eq!(full.len(), 2, "{full}");
+    assert_eq!(full.skipped.len(), 2, "{full}");
+    assert_eq!(full.verified, avp_data::Verify::Full);
+    // Small folders are decoded by default.
+    assert_eq!(
+        open(avp_data::Verify::Auto).verified,
+        avp_data::Verify::Full
+    );
+    let header = open(avp_data::Verify::Header);
+    assert_eq!(header.verified, avp_data::Verify::Header);
+    assert_eq!(header.len(), 3, "{header}");
+    assert_eq!(header.skipped.len(), 1, "{header}");
+    assert!(header.skipped[0].path.ends_with("text.jpg"));
+    assert!(header.to_string().contains("headers checked"), "{header}");
+    let cut = header
+        .samples
+        .iter()
+        .position(|x| x.path.ends_with("cut.jpg"))
+        .unwrap();
+    assert_eq!(header.samples[cut].size, full.samples[0].size);
+    let ds = ImageDataset::new(header.clone(), Pipeline::lesson(Normalize::imagenet()), 0);
+    let err = ds.get(cut).unwrap_err().to_string();
+    assert!(err.contains("cut.jpg"), "{err}");
+    let good = 1 - cut.min(1);
+    assert!(ds.get(good).is_ok());
+    assert!("partial".parse::<avp_data::Verify>().is_err());
+}

@@ -23,6 +23,13 @@
 //! the same views; the trained stages and the head then train on it
 //! ([`FeatureJob::prefix`]).
 //!
+//! Feature files are safetensors files ([`crate::featfile`]) that
+//! training reads memory-mapped. A split can also be computed in shards
+//! by separate processes ([`extract_shard`], one file per shard, the split
+//! cut into whole backbone batches); a complete set of shards is merged
+//! ([`merge_dir`], or by [`features`] when it finds one) into the very
+//! bytes one process writes.
+//!
 //! A cache file carries the SHA-256 of its contents: a file that is
 //! truncated, was written for another key, has a flipped byte, a class
 //! index out of range or a value that is not finite is computed again,

@@ -88,7 +88,7 @@ pub fn header_bytes(h: &Header) -> Vec<u8> {
         },
     });
     let mut text = json.to_string().into_bytes();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -268,7 +268,7 @@ fn parse(map: &[u8]) -> Result<(Header, usize, usize), String> {
     let features_at = features.data().as_ptr() as usize - base;
     let targets_at = targets.data().as_ptr() as usize - base;
     // The data section is one block: features, then targets.
-    if features_at % 4 != 0 || targets_at != features_at + features.data().len() {
+    if !features_at.is_multiple_of(4) || targets_at != features_at + features.data().len() {
         return Err("its data section is not laid out as avp writes it".into());
     }
     let number = |k: &str| -> Result<usize, String> {

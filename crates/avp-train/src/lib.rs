@@ -8,7 +8,9 @@
 //! Where things are: `classifier.rs` (the classifier, the head, and
 //! [`BnMode`]: which `BatchNormUse` each phase asks of the backbone),
 //! `train.rs` (the run: splits, resume, burn-train's `Learner`, the image
-//! and the cached paths), `cache.rs` (feature cache files and loader),
+//! and the cached paths, on one device or several), `cache.rs` (feature
+//! cache, shards and merge, and its loader), `featfile.rs` (the
+//! safetensors feature files, memory-mapped),
 //! `finetune.rs` (which stages train; the optimiser, learning rates and
 //! step schedule), `artifacts.rs` ([`TrainedModel`], `model.bpk`, predictions), `metrics.rs`
 //! (epoch metrics, `metrics.csv`), `plot.rs` (the figures), `output.rs`
