@@ -183,9 +183,11 @@ impl Mapped {
         let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
         // SAFETY: the map is read-only. avp writes feature files whole
         // under a temporary name and renames them into place, never
-        // changing a file in place; a file changed by another program while
-        // it is mapped could change the values read (every value is still
-        // checked finite when the table is verified).
+        // changing a file in place (a rewrite is a new file; this map keeps
+        // the old one). A file changed in place by another program while it
+        // is mapped could change the values read after they were verified,
+        // and one truncated in place would make reads past its new end
+        // fault (SIGBUS): do not edit feature files in place.
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&file) }.map_err(|e| e.to_string())?;
         let (header, features_at, targets_at) = parse(&map)?;

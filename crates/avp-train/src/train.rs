@@ -625,9 +625,9 @@ impl std::str::FromStr for Parallel {
 
 /// Burn's execution strategy for the comma-separated device names
 /// `devices` (`flex`, `flex,flex`, `cuda:0,cuda:1`): one device trains
-/// alone; several train with `parallel` ([`Parallel::Auto`]: DDP when all
-/// are CUDA devices, multi-device otherwise). Gradients are summed on
-/// every path. DDP on anything but CUDA is refused here, before Burn
+/// alone (or, with [`Parallel::Ddp`], as a one-device DDP); several train
+/// with `parallel` ([`Parallel::Auto`]: DDP when all are CUDA devices,
+/// multi-device otherwise). Gradients are summed on every path. DDP on anything but CUDA is refused here, before Burn
 /// would panic setting it up.
 pub fn execution_strategy(
     devices: &str,
@@ -651,7 +651,10 @@ pub fn execution_strategy(
             "DDP all-reduces gradients through NCCL, which needs CUDA devices (got {devices}); \
              use --parallel multi (burn-train's multi-device strategy) for {devices}"
         ))),
-        (Parallel::Ddp, true) | (Parallel::Auto, true) if parsed.len() > 1 => {
+        // `ddp` is DDP even on one device (a smoke run on `cuda:0`).
+        (Parallel::Ddp, true) | (Parallel::Auto, true)
+            if parallel == Parallel::Ddp || parsed.len() > 1 =>
+        {
             let config = burn::tensor::distributed::DistributedConfig {
                 all_reduce_op: burn::tensor::distributed::ReduceOperation::Sum,
             };
