@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! # shard I of N of both splits' features, written atomically into DIR
-//! cargo run --release --example features -- --data DATA --no-augment --shard 0/4 --out DIR
+//! cargo run --example features -- --data DATA --no-augment --shard 0/4 --out DIR
 //! # every complete set of shards in DIR merged into the single-process cache
-//! cargo run --release --example features -- merge --out DIR
+//! cargo run --example features -- merge --out DIR
 //! # the head trained on them (a complete set is also merged on the way)
-//! cargo run --release --example alien_vs_predator -- --data DATA --no-augment --feature-cache --cache-dir DIR
+//! cargo run --example alien_vs_predator -- --data DATA --no-augment --feature-cache --cache-dir DIR
 //! ```
 //!
 //! The flags that shape the features (weights, preprocessing, augmentation

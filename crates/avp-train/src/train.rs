@@ -627,8 +627,9 @@ impl std::str::FromStr for Parallel {
 /// `devices` (`flex`, `flex,flex`, `cuda:0,cuda:1`): one device trains
 /// alone (or, with [`Parallel::Ddp`], as a one-device DDP); several train
 /// with `parallel` ([`Parallel::Auto`]: DDP when all are CUDA devices,
-/// multi-device otherwise). Gradients are summed on every path. DDP on anything but CUDA is refused here, before Burn
-/// would panic setting it up.
+/// multi-device otherwise). Gradients are summed on every path. DDP on
+/// anything but CUDA is refused here, before Burn would panic setting it
+/// up.
 pub fn execution_strategy(
     devices: &str,
     parallel: Parallel,
@@ -734,8 +735,8 @@ pub fn train(
 /// [`train`] with Burn's `ExecutionStrategy`: one device, or several
 /// (see [`execution_strategy`]: the frozen backbone only, each device
 /// training on its shard of every epoch's shuffled order, gradients
-/// summed), keeping a finished run in `out_dir` until the new one has finished (see
-/// [`train_with_policy`]).
+/// summed), keeping a finished run in `out_dir` until the new one has
+/// finished (see [`train_with_policy`]).
 pub fn train_with(
     backbone: impl Into<Backbone>,
     root: &Path,
