@@ -17,10 +17,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 mod common;
-use common::{BackboneArgs, CacheArgs, TrainArgs};
-
-/// The lesson's photos, committed.
-const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
+use common::{BackboneArgs, CacheArgs, DEFAULT_DATA, TrainArgs};
 
 /// Train a classifier head on a frozen ImageNet ResNet, as the PyTorch
 /// transfer-learning lesson does with Alien vs Predator photos.

@@ -24,7 +24,7 @@ use avp::train::cache::{MergeOutcome, Shard, ShardOutcome, merge_dir};
 use clap::{Parser, Subcommand};
 
 mod common;
-use common::{BackboneArgs, CacheArgs, TrainArgs};
+use common::{BackboneArgs, CacheArgs, DEFAULT_DATA, TrainArgs};
 
 /// Compute one shard of the feature cache, or merge finished shards.
 #[derive(Parser, Debug)]
@@ -39,11 +39,7 @@ struct Args {
     command: Option<Command>,
     /// Image folder with train/val (or entrenamiento/validacion) splits of
     /// one subfolder per class.
-    #[arg(
-        long,
-        env = "AVP_DATA",
-        default_value = "data/alien_vs_predator_thumbnails/data"
-    )]
+    #[arg(long, env = "AVP_DATA", default_value = DEFAULT_DATA)]
     data: PathBuf,
     /// The shard to compute: I/N, 0 <= I < N (Slurm:
     /// $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; Kubernetes:

