@@ -2,16 +2,23 @@
 //! validation accuracies next to PyTorch's for the same recipe, backbone
 //! and seeds (a JSON file written by `tests/fixtures/train/pytorch_lesson.py`).
 //!
+//! Each side's mean is printed with its 95% interval, and the difference
+//! of the means with Welch's two-sample test (the two sides' random
+//! streams are independent, so seeds are not paired). `--reference` may be
+//! given several times (PyTorch with the backbone in onnxruntime, and in
+//! torch).
+//!
 //! ```text
 //! cargo run --features ndarray,wgpu --example compare_seeds -- \
-//!     --data ../shared/data/alien_vs_predator_thumbnails/data \
-//!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator.json
+//!     --data ../shared/data/alien_vs_predator_thumbnails/data --seeds 0..19 \
+//!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator_torch.json
 //! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use avp::train::stats::{Summary, Welch};
 use avp::train::train;
 use clap::Parser;
 
@@ -27,14 +34,15 @@ struct Args {
     #[arg(long, env = "AVP_DATA")]
     data: PathBuf,
     /// PyTorch's results for the same recipe (JSON from
-    /// tests/fixtures/train/pytorch_lesson.py).
+    /// tests/fixtures/train/pytorch_lesson.py); repeat for several.
     #[arg(long)]
-    reference: Option<PathBuf>,
+    reference: Vec<PathBuf>,
     #[command(flatten)]
     backbone: BackboneArgs,
-    /// Seeds, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
-    seeds: Vec<u64>,
+    /// Seeds: a list (`0,1,2`), a range with both ends included (`0..19`),
+    /// or both (`0..4,10`).
+    #[arg(long, default_value = "0..4", value_parser = parse_seeds)]
+    seeds: Seeds,
     #[command(flatten)]
     train: TrainArgs,
     #[command(flatten)]
@@ -48,9 +56,49 @@ struct Args {
     /// Fail when the mean is below this.
     #[arg(long)]
     min_mean: Option<f64>,
-    /// Fail when the mean is more than this below PyTorch's mean.
+    /// Fail when the mean is more than this below PyTorch's mean (the
+    /// first --reference).
     #[arg(long)]
     max_gap: Option<f64>,
+    /// Fail unless, for every --reference, |avp mean - PyTorch mean| is at
+    /// most this or the 95% interval of the difference contains 0.
+    #[arg(long)]
+    max_abs_diff: Option<f64>,
+}
+
+/// The seeds to run, in order, each once.
+#[derive(Debug, Clone)]
+struct Seeds(Vec<u64>);
+
+fn parse_seeds(text: &str) -> Result<Seeds, String> {
+    let mut seeds = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("`{t}` is not a seed (a whole number)"))
+        };
+        match part.split_once("..") {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b.trim_start_matches('='))?);
+                if a > b {
+                    return Err(format!(
+                        "the range {part} is empty: write the smaller seed first"
+                    ));
+                }
+                seeds.extend(a..=b);
+            }
+            None => seeds.push(num(part)?),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = seeds.iter().find(|s| !seen.insert(**s)) {
+        return Err(format!("seed {d} is given twice"));
+    }
+    if seeds.is_empty() {
+        return Err("no seed given: e.g. --seeds 0,1,2 or --seeds 0..19".into());
+    }
+    Ok(Seeds(seeds))
 }
 
 #[derive(serde::Deserialize)]
@@ -58,6 +106,26 @@ struct Reference {
     runs: Vec<RefRun>,
     #[serde(default)]
     threads: Option<usize>,
+    #[serde(default)]
+    recipe: Option<RefRecipe>,
+}
+
+#[derive(serde::Deserialize)]
+struct RefRecipe {
+    #[serde(default)]
+    engine: Option<String>,
+}
+
+impl Reference {
+    /// "PyTorch (backbone in torch)" and the like.
+    fn label(&self) -> String {
+        let engine = self
+            .recipe
+            .as_ref()
+            .and_then(|r| r.engine.clone())
+            .unwrap_or_else(|| "onnxruntime".into());
+        format!("PyTorch, backbone in {engine}")
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -87,16 +155,18 @@ fn main() -> Result<()> {
             args.data.display()
         );
     }
-    let reference: Option<Reference> = match &args.reference {
-        Some(p) => Some(
+    let references: Vec<Reference> = args
+        .reference
+        .iter()
+        .map(|p| -> Result<Reference> {
             serde_json::from_str(
                 &std::fs::read_to_string(p)
                     .with_context(|| format!("reading the reference {}", p.display()))?,
             )
-            .with_context(|| format!("{} is not a pytorch_lesson.py result", p.display()))?,
-        ),
-        None => None,
-    };
+            .with_context(|| format!("{} is not a pytorch_lesson.py result", p.display()))
+        })
+        .collect::<Result<_>>()?;
+    let reference = references.first();
     // Checked before the first run.
     args.train.config(&args.cache, 0)?;
     let device = args.backbone.run.device()?;
@@ -104,7 +174,7 @@ fn main() -> Result<()> {
     let no_augment = !args.train.augmented();
     let mut rows = Vec::new();
     let mut curves = Vec::new();
-    for &seed in &args.seeds {
+    for &seed in &args.seeds.0 {
         println!("\n=== seed {seed}");
         let t = Instant::now();
         let backbone = args.backbone.load(&device)?;
@@ -121,11 +191,7 @@ fn main() -> Result<()> {
         rows.push((seed, acc, t.elapsed().as_secs_f64()));
         curves.push(outcome.epochs);
     }
-    let theirs = |seed: u64| {
-        reference
-            .as_ref()
-            .and_then(|r| r.runs.iter().find(|x| x.seed == seed))
-    };
+    let theirs = |seed: u64| reference.and_then(|r| r.runs.iter().find(|x| x.seed == seed));
     let mode = match (no_augment, feature_cache) {
         (true, true) => "no augmentation, feature cache".to_string(),
         (true, false) => "no augmentation".to_string(),
@@ -166,14 +232,14 @@ fn main() -> Result<()> {
         "| mean | {mean:.3} | {} | {time_mean:.0} | {} |",
         fmt(ref_mean, 3),
         fmt(
-            reference.as_ref().map(
+            reference.map(
                 |r| r.runs.iter().filter_map(|x| x.wall_seconds).sum::<f64>()
                     / r.runs.len().max(1) as f64
             ),
             0
         )
     );
-    if let Some(t) = reference.as_ref().and_then(|r| r.threads) {
+    if let Some(t) = reference.and_then(|r| r.threads) {
         println!("(PyTorch ran with {t} threads)");
     }
     // The learning curves, averaged over the seeds, next to PyTorch's.
@@ -208,6 +274,67 @@ fn main() -> Result<()> {
             );
         }
     }
+    // Each side's mean with its interval, and Welch's test of the
+    // difference, for every reference over the same seeds.
+    let ours = Summary::of(&rows.iter().map(|r| r.1).collect::<Vec<_>>());
+    let mut tests = Vec::new();
+    let mut fidelity = Vec::new();
+    println!(
+        "\n{} seed(s); means with their 95% intervals; the difference with Welch's t-test:",
+        rows.len()
+    );
+    println!(
+        "| side | mean | sd | 95% interval | difference (avp - side) | 95% interval | t | df | p |"
+    );
+    println!("|---|---:|---:|---|---:|---|---:|---:|---:|");
+    println!(
+        "| avp | {:.3} | {:.3} | {:.3} .. {:.3} | | | | | |",
+        ours.mean, ours.sd, ours.ci95[0], ours.ci95[1]
+    );
+    for (r, path) in references.iter().zip(&args.reference) {
+        let accs: Vec<f64> = args
+            .seeds
+            .0
+            .iter()
+            .filter_map(|s| r.runs.iter().find(|x| x.seed == *s))
+            .map(|x| x.final_valid_acc)
+            .collect();
+        let theirs = Summary::of(&accs);
+        let welch = Welch::test(&ours, &theirs);
+        let cell = |f: &dyn Fn(&Welch) -> String| welch.as_ref().map_or("-".into(), f);
+        println!(
+            "| {} ({} of the seeds) | {:.3} | {:.3} | {:.3} .. {:.3} | {} | {} | {} | {} | {} |",
+            r.label(),
+            theirs.n,
+            theirs.mean,
+            theirs.sd,
+            theirs.ci95[0],
+            theirs.ci95[1],
+            cell(&|w| format!("{:+.3}", w.diff)),
+            cell(&|w| format!("{:+.3} .. {:+.3}", w.ci95[0], w.ci95[1])),
+            cell(&|w| format!("{:.2}", w.t)),
+            cell(&|w| format!("{:.1}", w.df)),
+            cell(&|w| format!("{:.3}", w.p)),
+        );
+        if let (Some(d), Some(w)) = (args.max_abs_diff, &welch)
+            && w.diff.abs() > d
+            && !w.contains_zero()
+        {
+            fidelity.push(format!(
+                "{}: the difference {:+.3} exceeds {d} and its interval {:+.3} .. {:+.3} excludes 0",
+                r.label(),
+                w.diff,
+                w.ci95[0],
+                w.ci95[1]
+            ));
+        }
+        tests.push(serde_json::json!({
+            "reference": path,
+            "label": r.label(),
+            "summary": theirs,
+            "welch": welch,
+        }));
+    }
     let results = serde_json::json!({
         "data": args.data,
         "device": args.backbone.run.device,
@@ -216,6 +343,8 @@ fn main() -> Result<()> {
         "runs": rows.iter().map(|(s, a, t)| serde_json::json!({"seed": s, "final_valid_acc": a, "wall_seconds": t})).collect::<Vec<_>>(),
         "mean_final_valid_acc": mean,
         "reference_mean_final_valid_acc": ref_mean,
+        "summary": ours,
+        "references": tests,
     });
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
@@ -243,6 +372,7 @@ fn main() -> Result<()> {
             "mean {mean:.3} is more than {gap} below PyTorch's {r:.3}"
         ));
     }
+    failures.extend(fidelity);
     if !failures.is_empty() {
         bail!("below the bar: {}", failures.join("; "));
     }

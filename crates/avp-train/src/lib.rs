@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod output;
 pub mod plot;
 pub mod render;
+pub mod stats;
 pub mod train;
 
 pub use artifacts::{Prediction, TrainedModel, load_model, predict_paths, save_model};
