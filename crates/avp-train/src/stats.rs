@@ -80,7 +80,7 @@ impl Welch {
         }
         let (va, vb) = (a.se2(), b.se2());
         let se = (va + vb).sqrt();
-        if !(se > 0.0) {
+        if se.is_nan() || se <= 0.0 {
             return None;
         }
         let diff = a.mean - b.mean;
