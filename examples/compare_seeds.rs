@@ -11,7 +11,8 @@
 //! ```text
 //! cargo run --features ndarray,wgpu --example compare_seeds -- \
 //!     --data ../shared/data/alien_vs_predator_thumbnails/data --seeds 0..19 \
-//!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator_torch.json
+//!     --feature-cache --no-augment \
+//!     --reference tests/fixtures/train/pytorch_reference_alien_vs_predator_torch_cache.json
 //! ```
 
 use std::path::PathBuf;
@@ -316,6 +317,23 @@ fn main() -> Result<()> {
             cell(&|w| format!("{:.1}", w.df)),
             cell(&|w| format!("{:.3}", w.p)),
         );
+        if let (Some(d), None) = (args.max_abs_diff, &welch) {
+            let diff = ours.mean - theirs.mean;
+            if ours.n < 2 || theirs.n < 2 {
+                fidelity.push(format!(
+                    "{}: --max-abs-diff needs at least two seeds on each side ({} and {})",
+                    r.label(),
+                    ours.n,
+                    theirs.n
+                ));
+            } else if diff.abs() > d {
+                // No spread on either side: the difference is exact.
+                fidelity.push(format!(
+                    "{}: the difference {diff:+.3} exceeds {d}",
+                    r.label()
+                ));
+            }
+        }
         if let (Some(d), Some(w)) = (args.max_abs_diff, &welch)
             && w.diff.abs() > d
             && !w.contains_zero()
