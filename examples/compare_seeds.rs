@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use avp::train::stats::{Summary, Welch};
-use avp::train::train;
+use avp::train::{finished_run, train};
 use clap::Parser;
 
 mod common;
@@ -51,6 +51,12 @@ struct Args {
     /// Output folder: one subfolder per seed, and results.json.
     #[arg(long, default_value = "runs/compare_seeds")]
     out: PathBuf,
+    /// Keep the seeds whose run in --out finished with the same settings,
+    /// backbone and data (their metrics are read back; their time is the
+    /// recorded epochs'), and train only the others: a 20-seed comparison
+    /// can be stopped and continued. Without it every seed trains afresh.
+    #[arg(long)]
+    resume: bool,
     /// Fail (exit 1) when any run's final validation accuracy is below this.
     #[arg(long)]
     floor: Option<f64>,
@@ -181,6 +187,21 @@ fn main() -> Result<()> {
         let backbone = args.backbone.load(&device)?;
         let config = args.train.config(&args.cache, seed)?;
         let out = args.out.join(format!("seed-{seed}"));
+        let kept = args
+            .resume
+            .then(|| finished_run(&out, &config, &backbone.provenance().sha256, &args.data))
+            .flatten();
+        if let Some(epochs) = kept {
+            let last = epochs.last().context("no epoch finished")?;
+            println!(
+                "--resume: keeping the finished run in {} (validation accuracy {:.4})",
+                out.display(),
+                last.valid_acc
+            );
+            rows.push((seed, last.valid_acc, epochs.iter().map(|m| m.seconds).sum()));
+            curves.push(epochs);
+            continue;
+        }
         // A finished run in the folder would be started afresh anyway; an
         // interrupted one with the same settings resumes.
         let outcome = train(backbone, &args.data, &out, &config, &device)?;

@@ -48,6 +48,6 @@ pub use metrics::{EpochMetrics, lesson_lines, read_metrics_csv};
 pub use plot::{plot_curves, plot_predictions};
 pub use train::{
     Augmentation, EvalTransform, OutputPolicy, Parallel, TrainConfig, TrainOutcome,
-    execution_strategy, extract_shard, open_splits, open_splits_with, resume_point, train,
-    train_with, train_with_policy,
+    execution_strategy, extract_shard, finished_run, open_splits, open_splits_with, resume_point,
+    train, train_with, train_with_policy,
 };

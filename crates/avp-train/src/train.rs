@@ -413,6 +413,33 @@ pub fn resume_point(
         .max()
 }
 
+/// The epochs of a finished run in `out_dir` (its `model.bpk` written)
+/// that was started with the same configuration, backbone
+/// (`weights_sha256`) and data folder and recorded all `config.epochs`
+/// epochs; `None` otherwise. What a driver of many runs (`compare_seeds
+/// --resume`) keeps instead of training again.
+pub fn finished_run(
+    out_dir: &Path,
+    config: &TrainConfig,
+    weights_sha256: &str,
+    root: &Path,
+) -> Option<Vec<EpochMetrics>> {
+    if !out_dir.join("model.bpk").is_file() {
+        return None;
+    }
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join(f)).ok()?).ok()
+    };
+    let (saved, identity) = (read("config.json")?, read("run.json")?);
+    if saved != serde_json::to_value(config).ok()? || identity != run_identity(weights_sha256, root)
+    {
+        return None;
+    }
+    let epochs = read_metrics_csv(&out_dir.join("metrics.csv"));
+    let numbered = epochs.iter().map(|m| m.epoch).eq(1..=config.epochs);
+    numbered.then_some(epochs)
+}
+
 /// [`resume_point`], with each candidate checkpoint read back: a damaged
 /// one falls back to the one before it; when every one is damaged the run
 /// stops with what to do.
