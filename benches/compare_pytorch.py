@@ -1,36 +1,75 @@
 #!/usr/bin/env python3
-"""Burn (avp) against PyTorch on the lesson's workloads, side by side, in one run.
+"""avp (Burn) against its peers on the lesson's workloads, side by side, in one run.
 
-For each row, both sides run as child processes on the same machine, one
-after the other, with the same thread count (RAYON_NUM_THREADS for Burn,
-torch.set_num_threads / onnxruntime threads for PyTorch); the runner times
-their wall clock and reads their peak resident memory (RSS) from the
-kernel (wait4), then prints a table with the Burn/PyTorch ratio.
+For each row, every side runs as a child process on the same machine, one
+after the other, with the same thread count (RAYON_NUM_THREADS for Burn and
+candle, torch.set_num_threads for PyTorch, intra_op_num_threads for ONNX
+Runtime); the runner times their wall clock and reads their peak resident
+memory (RSS) from the kernel (wait4), then prints tables with the ratios.
 
-Rows (--rows, comma-separated; default: all):
+Every row also gives its achieved GFLOP/s and the fraction of this machine's
+measured peak: `examples/peak_flops.rs` (built with the other examples)
+measures the float32 FMA throughput of the AVX-512 and the AVX2 paths on
+--threads threads, and the best is the peak. FLOPs are counted from the
+networks' shapes, a multiply-add as two operations (ResNet50 forward at
+224x224: 8.18 GFLOP an image, often quoted as "4.1 GFLOPs" counting
+multiply-adds; the committed ResNet18: 4.09). A training row counts the
+backbone's forward over every image it runs, plus twice the forward of the
+stages that train (their backward), and ignores the head.
+
+Rows (--rows, comma-separated; default: all but the EXTRA ones):
   infer50-b1, infer50-b8, infer50-b32
-              ResNet50 backbone forward on random 224x224 input, images/s
-              (Burn: examples/speed.rs; PyTorch: pytorch_lesson.py --bench-inference).
-              Burn's number is the fused path on flex (what frozen training
-              and the feature cache run); the JSON also has Burn's own
-              kernels, BatchNorm folded and not.
-  infer50-b8-ndarray, infer50-b8-wgpu
-              the same at batch 8 on another Burn backend (wgpu only on
-              request: time it on a machine with a GPU).
+              ResNet50 backbone forward on random 224x224 input, images/s.
+              The same ONNX file (torchvision's ResNet50, random weights,
+              without fc, exported by the runner) runs in avp
+              (examples/speed.rs: the fused path on flex, what frozen training
+              and the feature cache run; the JSON also has Burn's own
+              kernels) and in ONNX Runtime (benches/onnxruntime_infer.py);
+              PyTorch runs torchvision's module eagerly
+              (pytorch_lesson.py --bench-inference); candle runs its own
+              ResNet50 (benches/candle-resnet50, a program outside the
+              workspace that the runner builds in release mode on first use).
+              --peers chooses among pytorch, onnxruntime, candle; candle runs
+              batches up to --candle-max-batch (8: its CPU convolutions held
+              17.9 GB at batch 32). --rounds (3) alternating rounds of all
+              sides; each side's median images/s is kept, with its highest
+              peak RSS. avp's images/s and RSS are the fused path's alone;
+              Burn's own kernels run in a second process.
+  infer50-b8-ndarray
+              avp at batch 8 on another Burn backend (the peers' numbers are
+              the infer50-b8 ones).
   lesson18    the lesson with the real ResNet18 (BatchNorm frozen, augmented,
-              5 epochs, batch 32) on the lesson's photos; PyTorch runs the
-              backbone in onnxruntime (it is an ONNX file), the head in torch.
-  cache18     the same without augmentation, with the feature cache.
+              5 epochs, batch 32) on the lesson's photos, against PyTorch with
+              the backbone in onnxruntime (it is an ONNX file) and with the
+              backbone loaded into torch itself (pytorch_lesson.py --engine
+              torch: what a PyTorch user runs). PyTorch runs the backbone over
+              the validation split in every epoch, as avp does
+              (--no-valid-reuse).
+  cache18     the same without augmentation, with the feature cache; its
+              ratio is also given against PyTorch-native's lesson18 time.
   lesson50    the lesson's workload: ResNet50 (random weights: speed does not
               depend on their values), BatchNorm frozen, augmented, 5 epochs.
   lesson50bn  the same with the lesson's BatchNorm mode (PyTorch's model.train()).
   cache50     ResNet50 with the feature cache (no augmentation); its ratio is
               also given against PyTorch's lesson50 time (the target: <= 0.2x).
+  finetune18  fine-tuning layer4 of the real ResNet18 (Adam, head 1e-3,
+              layer4 1e-4), augmented, 5 epochs; PyTorch runs the same recipe
+              with the ResNet18 in torch.
+  finetune18-cache
+              the same on avp's prefix cache (no augmentation: the frozen
+              prefix runs once); against PyTorch's fine-tuning without
+              augmentation, and also against its augmented finetune18 time.
+  finetune50  fine-tuning layer4 of ResNet50 (random weights), augmented.
+EXTRA rows (only on request):
+  infer50-b8-wgpu
+              avp at batch 8 on wgpu: time it on a machine with a GPU (here
+              it would be lavapipe, Mesa's CPU emulation of Vulkan).
 
 Usage (from the repository root, after `bash .ci/run` made .venv, or with
-any Python that has torch, torchvision and onnxruntime):
+any Python that has torch, torchvision, onnx and onnxruntime):
   .venv/bin/python benches/compare_pytorch.py --data ../shared/data/alien_vs_predator_thumbnails/data
   .venv/bin/python benches/compare_pytorch.py --rows infer50-b8,lesson18 --out target/speed.json
+  .venv/bin/python benches/compare_pytorch.py --rows infer50-b8 --peers onnxruntime
 
 The Burn binaries are built first with the project's single build profile
 (`cargo build --features ndarray,wgpu --examples`, the profile of the tests
@@ -50,13 +89,84 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, ".."))
 PYTORCH = os.path.join(ROOT, "tests", "fixtures", "train", "pytorch_lesson.py")
+ORT_INFER = os.path.join(HERE, "onnxruntime_infer.py")
+CANDLE = os.path.join(HERE, "candle-resnet50")
+CANDLE_TARGET = os.path.join(ROOT, "target", "candle-resnet50")
 EXAMPLES = os.path.join(ROOT, "target", "debug", "examples")
 ALL_ROWS = ["infer50-b1", "infer50-b8", "infer50-b32", "infer50-b8-ndarray",
-            "lesson18", "cache18", "lesson50", "lesson50bn", "cache50"]
-# Not in the default set: wgpu is timed only on a real GPU (here it would be
-# lavapipe, Mesa's CPU emulation of Vulkan, which tests correctness only).
+            "lesson18", "cache18", "lesson50", "lesson50bn", "cache50",
+            "finetune18", "finetune18-cache", "finetune50"]
 EXTRA_ROWS = ["infer50-b8-wgpu"]
+PEERS = ["pytorch", "onnxruntime", "candle"]
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
+
+# --------------------------------------------------------------------------
+# FLOPs from the networks' shapes (a multiply-add counts two)
+# --------------------------------------------------------------------------
+
+def conv_flops(cin, cout, k, out_hw):
+    return 2 * cin * cout * k * k * out_hw * out_hw
+
+
+def resnet_stage_flops(kind, blocks, size=224):
+    """Forward FLOPs per image of each stage: {"stem": .., "layer1": .., ...}.
+    kind "basic" (ResNet18/34-style blocks) or "bottleneck" (ResNet50,
+    torchvision's v1.5: the stride on the 3x3)."""
+    hw = size // 2  # stem: 7x7 stride 2, 3 -> 64 channels
+    out = {"stem": conv_flops(3, 64, 7, hw)}
+    hw //= 2  # 3x3 stride-2 max-pool
+    cin = 64
+    for i, (n, width) in enumerate(zip(blocks, [64, 128, 256, 512])):
+        stride = 1 if i == 0 else 2
+        total = 0
+        for b in range(n):
+            s = stride if b == 0 else 1
+            ohw = hw // s
+            if kind == "basic":
+                cout = width
+                total += conv_flops(cin, width, 3, ohw) + conv_flops(width, width, 3, ohw)
+            else:
+                cout = 4 * width
+                total += (conv_flops(cin, width, 1, hw) + conv_flops(width, width, 3, ohw)
+                          + conv_flops(width, cout, 1, ohw))
+            if b == 0 and (s != 1 or cin != cout):
+                total += conv_flops(cin, cout, 1, ohw)
+            cin, hw = cout, ohw
+        out[f"layer{i + 1}"] = total
+    return out
+
+
+NETS = {"resnet50": resnet_stage_flops("bottleneck", [3, 4, 6, 3]),
+        # The committed ResNet18 (ML.NET's): basic blocks [2, 2, 2, 3].
+        "mlnet": resnet_stage_flops("basic", [2, 2, 2, 3])}
+
+
+def training_flops(net, n_train, n_valid, epochs, trained=(), cached=False):
+    """Useful FLOPs of a training run: the backbone's forward over every image
+    it runs, plus the backward (twice the forward) of the trained stages."""
+    stages = NETS[net]
+    full = sum(stages.values())
+    tuned = sum(stages[s] for s in trained)
+    if cached:  # the frozen part runs once over both splits; the trained stages every epoch
+        return (full - tuned) * (n_train + n_valid) + epochs * (3 * tuned * n_train + tuned * n_valid)
+    return epochs * ((full + 2 * tuned) * n_train + full * n_valid)
+
+
+def count_images(root):
+    """Images in the two splits of an image folder: (train, validation)."""
+    names = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    splits = []
+    for options in (("train", "entrenamiento"), ("val", "validation", "validacion", "valid")):
+        name = next((names[o] for o in options if o in names), None)
+        if name is None:
+            sys.exit(f"{root}: no {'/'.join(options)} split")
+        splits.append(sum(f.lower().endswith(IMAGE_EXT)
+                          for _, _, files in os.walk(os.path.join(root, name)) for f in files))
+    return tuple(splits)
+
+
+# --------------------------------------------------------------------------
 
 def run(cmd, env_extra=None, log=None):
     """Runs cmd as a child; returns (seconds, peak RSS in MB, stdout text)."""
@@ -78,16 +188,66 @@ def run(cmd, env_extra=None, log=None):
     return secs, usage.ru_maxrss / 1024.0, text
 
 
+def json_lines(text):
+    return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+
 def final_acc(text):
     m = re.findall(r"final validation accuracy: ([0-9.]+)", text)
     return float(m[-1]) if m else None
+
+
+def machine_peak(threads):
+    """The best float32 FMA GFLOP/s of examples/peak_flops on `threads` threads."""
+    _, _, text = run([os.path.join(EXAMPLES, "peak_flops"), "--threads", str(threads)])
+    paths = {j["path"]: j["gflops"] for j in json_lines(text)}
+    return max(paths.values()), paths
+
+
+def processor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown processor"
+
+
+def export_resnet50(work):
+    """torchvision's ResNet50 with random weights: a .pth for the Burn
+    training rows and, without fc, an ONNX file for the inference rows (avp
+    and ONNX Runtime read the same file)."""
+    pth = os.path.join(work, "resnet50-random.pth")
+    onnx_path = os.path.join(work, "resnet50-random-headless.onnx")
+    if not (os.path.exists(pth) and os.path.exists(onnx_path)):
+        subprocess.run([sys.executable, "-c", """
+import sys, torch, torchvision
+torch.manual_seed(0)
+m = torchvision.models.resnet50(weights=None).eval()
+torch.save(m.state_dict(), sys.argv[1])
+m.fc = torch.nn.Identity()
+x = torch.randn(1, 3, 224, 224)
+tmp = sys.argv[2] + ".tmp"
+torch.onnx.export(m, (x,), tmp, dynamo=False, opset_version=17, do_constant_folding=True,
+                  input_names=["input"], output_names=["features"],
+                  dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
+import os; os.replace(tmp, sys.argv[2])
+""", pth, onnx_path], check=True)
+    return pth, onnx_path
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "alien_vs_predator_thumbnails", "data"))
     ap.add_argument("--rows", default=",".join(ALL_ROWS))
+    ap.add_argument("--peers", default=",".join(PEERS), help="inference peers: pytorch, onnxruntime, candle")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--candle-max-batch", type=int, default=8,
+                    help="largest batch candle runs (its CPU convolutions held 17.9 GB at batch 32)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="inference rows: alternating rounds of every side; the median images/s is kept")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--device", default="flex")
     ap.add_argument("--work", default=os.path.join(ROOT, "target", "compare-pytorch"))
@@ -98,23 +258,35 @@ def main():
     for r in rows:
         if r not in ALL_ROWS + EXTRA_ROWS:
             sys.exit(f"unknown row {r}; rows: {', '.join(ALL_ROWS + EXTRA_ROWS)}")
+    peers = [p for p in args.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            sys.exit(f"unknown peer {p}; peers: {', '.join(PEERS)}")
     if not os.path.isdir(args.data):
         sys.exit(f"no dataset at {args.data} (--data)")
+    if args.threads < 1 or args.rounds < 1:
+        sys.exit("--threads and --rounds must be at least 1")
+    n_train, n_valid = count_images(args.data)
     os.makedirs(args.work, exist_ok=True)
+    infer_rows = [r for r in rows if r.startswith("infer50")]
     if not args.no_build:
         subprocess.run(["cargo", "build", "-q", "--features", "ndarray,wgpu", "--examples"], cwd=ROOT, check=True)
+        if "candle" in peers and infer_rows:
+            print("building candle's ResNet50 (release, outside the workspace) ...", flush=True)
+            subprocess.run(["cargo", "build", "-q", "--release", "--manifest-path",
+                            os.path.join(CANDLE, "Cargo.toml"), "--target-dir", CANDLE_TARGET], check=True)
 
     # The runner itself stays small and never imports torch: a child's peak
     # RSS as the kernel reports it includes the parent's at fork time.
-    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                                   capture_output=True, text=True, check=True).stdout.strip()
-    # Random ResNet50 weights (torchvision's architecture) for the Burn side.
-    r50 = os.path.join(args.work, "resnet50-random.pth")
-    if not os.path.exists(r50):
-        subprocess.run([sys.executable, "-c",
-                        "import sys, torch, torchvision; torch.manual_seed(0); "
-                        "torch.save(torchvision.models.resnet50(weights=None).state_dict(), sys.argv[1])", r50],
-                       check=True)
+    versions = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, torch, onnxruntime; "
+         "print(json.dumps({'torch': torch.__version__, 'onnxruntime': onnxruntime.__version__}))"],
+        capture_output=True, text=True, check=True).stdout)
+    r50_pth, r50_onnx = export_resnet50(args.work)
+    peak, peak_paths = machine_peak(args.threads)
+    cpu = processor()
+    print(f"{cpu}, {args.threads} threads: float32 FMA peak {peak:.0f} GFLOP/s "
+          f"({', '.join(f'{k} {v:.0f}' for k, v in peak_paths.items())})", flush=True)
 
     threads = str(args.threads)
     burn_env = {"RAYON_NUM_THREADS": threads}
@@ -122,88 +294,174 @@ def main():
     avp = os.path.join(EXAMPLES, "alien_vs_predator")
     speed = os.path.join(EXAMPLES, "speed")
     lesson = ["--data", args.data, "--epochs", str(args.epochs), "--device", args.device]
+    r50_flops = sum(NETS["resnet50"].values())
     results = []
+    peer_cache = {}
 
-    def row(name, what, burn_cmd, torch_cmd, kind):
-        print(f"\n=== {name}: {what}", flush=True)
-        bs, brss, bout = run(burn_cmd, burn_env, os.path.join(args.work, f"{name}.burn.log"))
-        ts, trss, tout = run(torch_cmd, None, os.path.join(args.work, f"{name}.pytorch.log"))
-        r = {"row": name, "what": what, "kind": kind, "burn_seconds": bs, "pytorch_seconds": ts,
-             "burn_rss_mb": brss, "pytorch_rss_mb": trss}
-        if kind == "inference":
-            burn = {(j["batchnorm"], j.get("kernels", "burn")): j["images_per_second"]
-                    for j in map(json.loads, filter(lambda l: l.startswith("{"), bout.splitlines()))}
-            # What frozen training runs: the fused path where the backend has one.
-            r["burn_images_per_second"] = burn.get(("folded", "fused"), burn[("folded", "burn")])
-            r["burn_folded_burn_kernels_images_per_second"] = burn[("folded", "burn")]
-            r["burn_unfolded_images_per_second"] = burn[("unfolded", "burn")]
-            r["pytorch_images_per_second"] = json.load(open(os.path.join(args.work, f"{name}.pytorch.json")))["images_per_second"]
-            r["ratio"] = r["burn_images_per_second"] / r["pytorch_images_per_second"]
-            print(f"  Burn {r['burn_images_per_second']:.2f} img/s (BatchNorm folded{', fused' if ('folded', 'fused') in burn else ''}; "
-                  f"Burn kernels: {burn[('folded', 'burn')]:.2f} folded, {burn[('unfolded', 'burn')]:.2f} unfolded), PyTorch {r['pytorch_images_per_second']:.2f} img/s: "
-                  f"{r['ratio']:.2f}x PyTorch's throughput", flush=True)
+    def log(name, side):
+        return os.path.join(args.work, f"{name}.{side}.log")
+
+    def side(engine, secs, rss, **extra):
+        return dict({"engine": engine, "seconds": secs, "rss_mb": rss}, **extra)
+
+    def infer_peer(peer, batch, round_):
+        """One inference peer at one batch size in one round (run once per
+        batch size and round)."""
+        if (peer, batch, round_) in peer_cache:
+            return peer_cache[(peer, batch, round_)]
+        out = os.path.join(args.work, f"infer-b{batch}.{peer}.json")
+        if peer == "pytorch":
+            s, rss, _ = run(py + ["--backbone", "resnet50", "--bench-inference", str(batch), "--out", out],
+                            None, log(f"infer-b{batch}", peer))
+            ips = json.load(open(out))["images_per_second"]
+            label = f"PyTorch {versions['torch']} eager"
+        elif peer == "onnxruntime":
+            s, rss, text = run([sys.executable, ORT_INFER, "--model", r50_onnx, "--batch", str(batch),
+                                "--threads", threads], None, log(f"infer-b{batch}", peer))
+            ips = json_lines(text)[-1]["images_per_second"]
+            label = f"ONNX Runtime {versions['onnxruntime']}"
         else:
-            r["burn_accuracy"] = final_acc(bout)
-            pj = json.load(open(os.path.join(args.work, f"{name}.pytorch.json")))
-            r["pytorch_accuracy"] = pj["runs"][0]["final_valid_acc"]
-            r["ratio"] = bs / ts
-            print(f"  Burn {bs:.0f} s (acc {r['burn_accuracy']}), PyTorch {ts:.0f} s (acc {r['pytorch_accuracy']}): "
-                  f"{r['ratio']:.2f}x PyTorch's wall time", flush=True)
-        results.append(r)
+            exe = os.path.join(CANDLE_TARGET, "release", "candle-resnet50-bench")
+            s, rss, text = run([exe, "--batch", str(batch)], burn_env, log(f"infer-b{batch}", peer))
+            ips = json_lines(text)[-1]["images_per_second"]
+            label = "candle (CPU)"
+        r = side(label, s, rss, images_per_second=ips, gflops=ips * r50_flops / 1e9)
+        peer_cache[(peer, batch, round_)] = r
+        return r
+
+    def median_side(runs):
+        """The run with the median images/s, with every run's numbers and
+        the highest peak RSS."""
+        ranked = sorted(runs, key=lambda r: r["images_per_second"])
+        m = dict(ranked[len(ranked) // 2])
+        m["rounds_images_per_second"] = [r["images_per_second"] for r in runs]
+        m["rss_mb"] = max(r["rss_mb"] for r in runs)
+        return m
+
+    def avp_inference(name, b, backend, round_):
+        """avp at one batch size: the fused path alone where the device has
+        one (its own images/s and peak RSS), Burn's kernels in a second
+        process (informational)."""
+        iters = ["--iters", "2"] if backend == "ndarray" else []
+        base = [speed, "--weights", r50_onnx, "--batch-size", b, "--device", backend] + iters
+        fused = backend == "flex"
+        burn_s, burn_rss, text = run(base + ["--variants", "unfolded,folded"], burn_env, log(name, f"avp-burn.{round_}"))
+        burn = {j["batchnorm"]: j["images_per_second"] for j in json_lines(text)}
+        if fused:
+            s, rss, text = run(base + ["--variants", "fused"], burn_env, log(name, f"avp.{round_}"))
+            ips = json_lines(text)[-1]["images_per_second"]
+        else:
+            s, rss, ips = burn_s, burn_rss, burn["folded"]
+        return side(f"avp ({'fused, ' if fused else ''}{backend})", s, rss, images_per_second=ips,
+                    gflops=ips * r50_flops / 1e9, burn_kernels_folded=burn["folded"],
+                    burn_kernels_unfolded=burn["unfolded"])
+
+    def training_side(label, cmd, env, name, tag, flops, pytorch_json=None):
+        s, rss, text = run(cmd, env, log(name, tag))
+        acc = (json.load(open(pytorch_json))["runs"][0]["final_valid_acc"] if pytorch_json
+               else final_acc(text))
+        return side(label, s, rss, accuracy=acc, gflops=flops / s / 1e9)
 
     for name in rows:
+        print(f"\n=== {name}", flush=True)
         if name.startswith("infer50"):
             b, _, backend = name.split("-b")[1].partition("-")
             backend = backend or args.device
-            iters = ["--iters", "2"] if backend == "ndarray" else []
-            row(name, f"ResNet50 forward, batch {b}" + (f", {backend}" if backend != args.device else ""),
-                [speed, "--weights", r50, "--batch-size", b, "--device", backend] + iters,
-                py + ["--backbone", "resnet50", "--bench-inference", b, "--out", os.path.join(args.work, f"{name}.pytorch.json")],
-                "inference")
-        elif name in ("lesson18", "cache18"):
-            cache = name == "cache18"
-            extra = ["--feature-cache", "--no-augment", "--cache-dir", os.path.join(args.work, f"{name}-features")] if cache else []
-            shutil.rmtree(os.path.join(args.work, f"{name}-features"), ignore_errors=True)
-            row(name, f"lesson, real ResNet18, {'feature cache, no augmentation' if cache else 'augmented'}",
-                [avp] + lesson + ["--out", os.path.join(args.work, f"{name}.run")] + extra,
-                py + ["--backbone", "mlnet", "--data", args.data, "--epochs", str(args.epochs), "--seeds", "0",
-                      "--out", os.path.join(args.work, f"{name}.pytorch.json")]
-                + (["--feature-cache", "--no-augment"] if cache else []),
-                "training")
+            # Alternating rounds: avp, then each peer, then again.
+            here = [p for p in peers if p != "candle" or int(b) <= args.candle_max_batch]
+            rounds = [[avp_inference(name, b, backend, i)] + [infer_peer(p, int(b), i) for p in here]
+                      for i in range(args.rounds)]
+            sides = [median_side([rnd[j] for rnd in rounds]) for j in range(len(rounds[0]))]
+            what = f"ResNet50 forward, batch {b}" + (f", {backend}" if backend != args.device else "")
+            results.append({"row": name, "what": what, "kind": "inference", "batch": int(b), "sides": sides})
         else:
-            cache = name == "cache50"
-            bn = "lesson" if name == "lesson50bn" else "frozen"
-            extra = ["--feature-cache", "--no-augment", "--cache-dir", os.path.join(args.work, f"{name}-features")] if cache else []
-            shutil.rmtree(os.path.join(args.work, f"{name}-features"), ignore_errors=True)
-            row(name, f"lesson, ResNet50, BatchNorm {bn}, {'feature cache, no augmentation' if cache else 'augmented'}",
-                [avp] + lesson + ["--weights", r50, "--bn-mode", bn, "--out", os.path.join(args.work, f"{name}.run")] + extra,
-                py + ["--backbone", "resnet50", "--bn-mode", bn, "--data", args.data, "--epochs", str(args.epochs),
-                      "--seeds", "0", "--out", os.path.join(args.work, f"{name}.pytorch.json")]
-                + (["--feature-cache", "--no-augment"] if cache else []),
-                "training")
+            cache = "cache" in name
+            r50 = "50" in name
+            net = "resnet50" if r50 else "mlnet"
+            trained = ("layer4",) if name.startswith("finetune") else ()
+            flops = training_flops(net, n_train, n_valid, args.epochs, trained, cached=cache)
+            cache_dir = os.path.join(args.work, f"{name}-features")
+            run_dir = os.path.join(args.work, f"{name}.run")
+            for d in (cache_dir, run_dir):  # a fresh run, not a resumed one
+                shutil.rmtree(d, ignore_errors=True)
+            burn_cmd = [avp] + lesson + ["--out", run_dir]
+            torch_cmd = py + ["--data", args.data, "--epochs", str(args.epochs), "--seeds", "0"]
+            if r50:
+                bn = "lesson" if name == "lesson50bn" else "frozen"
+                burn_cmd += ["--weights", r50_pth, "--bn-mode", bn]
+                torch_cmd += ["--backbone", "resnet50", "--bn-mode", bn]
+            else:
+                torch_cmd += ["--backbone", "mlnet"]
+            if trained:
+                burn_cmd += ["--finetune", ",".join(trained)]
+                torch_cmd += ["--finetune", ",".join(trained)]
+            if cache:
+                burn_cmd += ["--feature-cache", "--no-augment", "--cache-dir", cache_dir]
+                # PyTorch's fine-tuning has no prefix cache: it runs the same
+                # recipe without augmentation.
+                torch_cmd += ["--no-augment"] + ([] if trained else ["--feature-cache"])
+            else:
+                torch_cmd += ["--no-valid-reuse"]
+            bn_what = f", BatchNorm {'lesson' if name == 'lesson50bn' else 'frozen'}" if r50 else ""
+            what = (f"{'fine-tuning layer4' if trained else 'lesson'}, "
+                    f"{'ResNet50' if r50 else 'real ResNet18'}{bn_what}, "
+                    f"{'cache, no augmentation' if cache else 'augmented'}")
+            sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp", flops)]
+            engines = ["torch"] if (r50 or trained) else ["onnxruntime", "torch"]
+            for engine in engines:
+                pj = os.path.join(args.work, f"{name}.pytorch-{engine}.json")
+                cmd = torch_cmd + ["--out", pj] + (["--engine", engine] if net == "mlnet" and not trained else [])
+                label = (f"PyTorch {versions['torch']}" if r50 else
+                         f"PyTorch {versions['torch']}, backbone in {'torch' if engine == 'torch' else 'onnxruntime'}")
+                sides.append(training_side(label, cmd, None, name, f"pytorch-{engine}", flops, pj))
+            results.append({"row": name, "what": what, "kind": "training", "flops": flops, "sides": sides})
+        for sd in results[-1]["sides"]:
+            sd["fraction_of_peak"] = sd["gflops"] / peak
+        r = results[-1]
+        own = r["sides"][0]
+        for sd in r["sides"]:
+            if r["kind"] == "inference":
+                sd["avp_ratio"] = own["images_per_second"] / sd["images_per_second"]
+                print(f"  {sd['engine']}: {sd['images_per_second']:.2f} img/s, {sd['gflops']:.0f} GFLOP/s "
+                      f"({100 * sd['fraction_of_peak']:.0f}% of peak), RSS {sd['rss_mb']:.0f} MB", flush=True)
+            else:
+                sd["avp_ratio"] = own["seconds"] / sd["seconds"]
+                print(f"  {sd['engine']}: {sd['seconds']:.0f} s (accuracy {sd['accuracy']}), "
+                      f"{sd['gflops']:.0f} GFLOP/s ({100 * sd['fraction_of_peak']:.0f}% of peak), "
+                      f"RSS {sd['rss_mb']:.0f} MB", flush=True)
 
-    print(f"\nBurn ({args.device}) vs PyTorch {torch_version}, {threads} threads, {os.cpu_count()} cores, "
-          f"{args.epochs} epochs, data {os.path.relpath(args.data, ROOT)}")
-    print("| row | Burn | PyTorch | Burn / PyTorch | Burn peak RSS | PyTorch peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n{cpu}; {threads} threads, {os.cpu_count()} logical processors; float32 FMA peak "
+          f"{peak:.0f} GFLOP/s; {args.epochs} epochs, data {os.path.relpath(args.data, ROOT)} "
+          f"({n_train} training, {n_valid} validation images)")
+    inference = [r for r in results if r["kind"] == "inference"]
+    if inference:
+        print("\n| row | engine | images/s | GFLOP/s | of peak | avp / engine (throughput) | peak RSS |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in inference:
+            for sd in r["sides"]:
+                print(f"| {r['what']} | {sd['engine']} | {sd['images_per_second']:.2f} | {sd['gflops']:.0f} | "
+                      f"{100 * sd['fraction_of_peak']:.0f}% | {sd['avp_ratio']:.2f}x | {sd['rss_mb']:.0f} MB |")
+    training = [r for r in results if r["kind"] == "training"]
+    if training:
+        print("\n| row | engine | wall time | accuracy | GFLOP/s | of peak | avp / engine (time) | peak RSS |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in training:
+            for sd in r["sides"]:
+                acc = f"{sd['accuracy']:.3f}" if sd["accuracy"] is not None else "-"
+                print(f"| {r['what']} | {sd['engine']} | {sd['seconds']:.0f} s | {acc} | {sd['gflops']:.0f} | "
+                      f"{100 * sd['fraction_of_peak']:.0f}% | {sd['avp_ratio']:.2f}x | {sd['rss_mb']:.0f} MB |")
     by = {r["row"]: r for r in results}
-    for r in results:
-        if r["kind"] == "inference":
-            own = r["burn_folded_burn_kernels_images_per_second"]
-            fused = r["burn_images_per_second"] != own
-            cells = (f"{r['burn_images_per_second']:.2f} img/s" + (f" (Burn's kernels: {own:.2f})" if fused else ""),
-                     f"{r['pytorch_images_per_second']:.2f} img/s",
-                     f"{r['ratio']:.2f}x throughput")
-        else:
-            cells = (f"{r['burn_seconds']:.0f} s", f"{r['pytorch_seconds']:.0f} s", f"{r['ratio']:.2f}x time")
-        print(f"| {r['what']} | {cells[0]} | {cells[1]} | {cells[2]} | {r['burn_rss_mb']:.0f} MB | {r['pytorch_rss_mb']:.0f} MB |")
-    if "cache50" in by and "lesson50" in by:
-        c = by["cache50"]["burn_seconds"] / by["lesson50"]["pytorch_seconds"]
-        print(f"\nBurn's ResNet50 feature-cache run takes {c:.2f}x PyTorch's ResNet50 lesson wall time")
+    for cached, full in (("cache18", "lesson18"), ("cache50", "lesson50"), ("finetune18-cache", "finetune18")):
+        if cached in by and full in by:
+            c = by[cached]["sides"][0]["seconds"] / by[full]["sides"][-1]["seconds"]
+            print(f"\navp's {by[cached]['what']} run takes {c:.2f}x the wall time of "
+                  f"{by[full]['sides'][-1]['engine']}'s {by[full]['what']} run")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "device": args.device, "epochs": args.epochs,
-                       "torch": torch_version, "rows": results}, f, indent=1)
+            json.dump({"processor": cpu, "threads": args.threads, "logical_processors": os.cpu_count(),
+                       "peak_gflops": peak, "peak_paths": peak_paths, "device": args.device,
+                       "epochs": args.epochs, "versions": versions, "images": [n_train, n_valid],
+                       "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

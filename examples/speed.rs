@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use avp::model::{Backbone, BatchNormUse, Kernels};
 use burn::tensor::{Distribution, Tensor};
 use clap::Parser;
@@ -37,6 +37,17 @@ struct Args {
     /// Timed batches per size (after one warm-up batch).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Which variants run, comma-separated: `unfolded` (Burn's kernels,
+    /// BatchNorm as stored), `folded` (Burn's kernels, BatchNorm folded),
+    /// `fused` (the fused path, where the device has one). Run one alone
+    /// for its own peak RSS: the process's peak covers every variant it ran.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "unfolded,folded,fused",
+        value_parser = ["unfolded", "folded", "fused"]
+    )]
+    variants: Vec<String>,
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -65,7 +76,17 @@ fn main() -> Result<()> {
     ];
     if auto.kernels_for(&device, BatchNormUse::Folded) == "fused" {
         variants.push(("folded", "fused", &auto, BatchNormUse::Folded));
+    } else if args.variants.iter().any(|v| v == "fused") && args.variants.len() == 1 {
+        bail!(
+            "--variants fused: {} has no fused path (flex has)",
+            args.backbone.run.device
+        );
     }
+    let wanted = |(bn, kernels): (&str, &str)| {
+        let name = if kernels == "fused" { "fused" } else { bn };
+        args.variants.iter().any(|v| v == name)
+    };
+    variants.retain(|v| wanted((v.0, v.1)));
     for (&batch, &(bn_label, kernels, model, bn)) in args
         .batch_size
         .iter()
