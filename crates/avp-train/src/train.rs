@@ -381,6 +381,25 @@ fn run_identity(weights_sha256: &str, root: &Path) -> serde_json::Value {
     serde_json::json!({ "weights_sha256": weights_sha256, "data": root })
 }
 
+/// Whether the run in `out_dir` was started with `config`, the backbone
+/// `weights_sha256` and the data folder `root` (its `config.json` and
+/// `run.json`); `None` when either file is missing or unreadable.
+fn same_run(
+    out_dir: &Path,
+    config: &TrainConfig,
+    weights_sha256: &str,
+    root: &Path,
+) -> Option<bool> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join(f)).ok()?).ok()
+    };
+    let (saved, identity) = (read("config.json")?, read("run.json")?);
+    Some(
+        saved == serde_json::to_value(config).ok()?
+            && identity == run_identity(weights_sha256, root),
+    )
+}
+
 /// The epoch an interrupted run in `out_dir` can resume after: the run
 /// did not finish (no `model.bpk`), was started with the same
 /// configuration, backbone (`weights_sha256`) and data folder, and left a
@@ -394,12 +413,7 @@ pub fn resume_point(
     if out_dir.join("model.bpk").exists() {
         return None;
     }
-    let read = |f: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join(f)).ok()?).ok()
-    };
-    let (saved, identity) = (read("config.json")?, read("run.json")?);
-    if saved != serde_json::to_value(config).ok()? || identity != run_identity(weights_sha256, root)
-    {
+    if !same_run(out_dir, config, weights_sha256, root)? {
         report::info(format!(
             "{} holds an unfinished run with another configuration, backbone or data folder; starting afresh",
             out_dir.display()
@@ -424,15 +438,7 @@ pub fn finished_run(
     weights_sha256: &str,
     root: &Path,
 ) -> Option<Vec<EpochMetrics>> {
-    if !out_dir.join("model.bpk").is_file() {
-        return None;
-    }
-    let read = |f: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join(f)).ok()?).ok()
-    };
-    let (saved, identity) = (read("config.json")?, read("run.json")?);
-    if saved != serde_json::to_value(config).ok()? || identity != run_identity(weights_sha256, root)
-    {
+    if !out_dir.join("model.bpk").is_file() || !same_run(out_dir, config, weights_sha256, root)? {
         return None;
     }
     let epochs = read_metrics_csv(&out_dir.join("metrics.csv"));

@@ -87,14 +87,7 @@ pub(super) fn scale_shift(
         for ((v, s), b) in row.iter_mut().zip(scale).zip(shift) {
             *v = *v * s + b;
         }
-        if let Some(res) = residual {
-            for (v, x) in row.iter_mut().zip(&res[r * c..(r + 1) * c]) {
-                *v += x;
-            }
-        }
-        if relu {
-            clamp_negative(row);
-        }
+        residual_relu(row, residual.map(|res| &res[r * c..(r + 1) * c]), relu);
     }
 }
 
@@ -113,14 +106,7 @@ pub(super) fn bias_scale_shift(
         for (((v, b), s), t) in row.iter_mut().zip(bias).zip(scale).zip(shift) {
             *v = (*v + b) * s + t;
         }
-        if let Some(res) = residual {
-            for (v, x) in row.iter_mut().zip(&res[r * c..(r + 1) * c]) {
-                *v += x;
-            }
-        }
-        if relu {
-            clamp_negative(row);
-        }
+        residual_relu(row, residual.map(|res| &res[r * c..(r + 1) * c]), relu);
     }
 }
 
@@ -134,21 +120,22 @@ pub(super) fn bias_residual_relu(
 ) {
     let c = bias.len();
     for (r, row) in dst.chunks_exact_mut(c).enumerate() {
-        match residual {
-            Some(res) => {
-                for ((v, b), x) in row.iter_mut().zip(bias).zip(&res[r * c..(r + 1) * c]) {
-                    *v = *v + b + x;
-                }
-            }
-            None => {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
         }
-        if relu {
-            clamp_negative(row);
+        residual_relu(row, residual.map(|res| &res[r * c..(r + 1) * c]), relu);
+    }
+}
+
+/// The end of every epilogue, on one row: the shortcut added, then ReLU.
+fn residual_relu(row: &mut [f32], residual: Option<&[f32]>, relu: bool) {
+    if let Some(res) = residual {
+        for (v, x) in row.iter_mut().zip(res) {
+            *v += x;
         }
+    }
+    if relu {
+        clamp_negative(row);
     }
 }
 
