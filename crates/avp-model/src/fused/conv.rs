@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::buffers::Map;
 use super::norm::{BatchStats, Pass, bias_residual_relu, bias_scale_shift, scale_shift};
+use super::winograd::{Tiles, transform_weights};
 use super::{explicit, floats};
 use crate::batchnorm::BatchNormUse;
 
@@ -31,7 +32,11 @@ pub(super) struct Conv {
     pub(super) stride: [usize; 2],
     /// top, left, bottom, right
     pub(super) pad: [usize; 4],
+    /// Empty when the convolution runs as Winograd ([`Conv::winograd`]).
     pub(super) weight: Vec<f32>,
+    /// A stride-1 3x3 convolution's weights transformed for Winograd
+    /// F(2x2, 3x3): 16 row-major `[cin, cout]` matrices (`winograd.rs`).
+    pub(super) winograd: Option<Vec<f32>>,
     pub(super) bias: Vec<f32>,
     /// Index of the BatchNorm after this convolution in [`batchnorms`]
     /// order, for a network that is not folded.
@@ -57,6 +62,20 @@ impl Conv {
         if w.len() != cout * cin * kh * kw || bias.len() != cout {
             return None;
         }
+        if Self::winograd_shape(kh, kw, conv.stride) {
+            return Some(Self {
+                cin,
+                cout,
+                kh,
+                kw,
+                stride: conv.stride,
+                pad,
+                weight: Vec::new(),
+                winograd: Some(transform_weights(&w, cin, cout)),
+                bias,
+                bn,
+            });
+        }
         let mut weight = vec![0.0; w.len()];
         for co in 0..cout {
             for ci in 0..cin {
@@ -77,6 +96,7 @@ impl Conv {
             stride: conv.stride,
             pad,
             weight,
+            winograd: None,
             bias,
             bn,
         })
@@ -123,7 +143,43 @@ impl Conv {
         let tile = rows.div_ceil(threads).clamp(1, MAX_TILE_ROWS);
         let mut out = pass.buffers.take(rows * cout);
         let res_rows = |r0: usize, n: usize| residual.map(|r| &r.data[r0 * cout..(r0 + n) * cout]);
-        let partial_sums: Vec<Vec<f64>> = if self.split_columns(rows, threads) {
+        let partial_sums: Vec<Vec<f64>> = if let Some(u) = &self.winograd {
+            let tiles = Tiles::new(oh, ow);
+            let count = x.n * tiles.th * tiles.tw;
+            if self.split_columns(count, threads) {
+                // Too few tiles for every thread: the threads share the
+                // output channels, each over all the tiles.
+                let units = [(0, x.n * tiles.th)];
+                self.by_columns(threads, &mut out, |(lo, hi), block| {
+                    self.winograd_product(u, x, tiles, units[0], (lo, hi), block, hi - lo);
+                });
+                out.par_chunks_mut(tile * cout)
+                    .enumerate()
+                    .map(|(t, dst)| {
+                        let n_rows = dst.len() / cout;
+                        self.epilogue(dst, res_rows(t * tile, n_rows), relu, bn, pass)
+                    })
+                    .collect()
+            } else {
+                // Units of whole tile rows: each one's output rows are one
+                // contiguous run of `out`.
+                let mut rest = &mut out[..];
+                let mut work = Vec::new();
+                for (g0, g1) in tiles.units(x.n, threads) {
+                    let (r0, r1) = (tiles.row_start(g0), tiles.row_start(g1));
+                    let (here, tail) = rest.split_at_mut((r1 - r0) * cout);
+                    rest = tail;
+                    work.push(((g0, g1), r0, here));
+                }
+                work.into_par_iter()
+                    .map(|(unit, r0, dst)| {
+                        self.winograd_product(u, x, tiles, unit, (0, cout), dst, cout);
+                        let n_rows = dst.len() / cout;
+                        self.epilogue(dst, res_rows(r0, n_rows), relu, bn, pass)
+                    })
+                    .collect()
+            }
+        } else if self.split_columns(rows, threads) {
             // Too few pixel rows to give every thread a full micro-kernel
             // height (batch 1 in layer4: 49 rows): the threads share the
             // output channels instead, each over all the rows.
@@ -206,9 +262,29 @@ impl Conv {
 
     /// `out = lhs · weight`, one block of output channels per thread.
     fn products_by_columns(&self, lhs: &[f32], threads: usize, out: &mut [f32]) {
+        let (cout, rows) = (self.cout, out.len() / self.cout);
+        let k = self.kh * self.kw * self.cin;
+        self.by_columns(threads, out, |(lo, hi), block| {
+            gemm_strided(
+                (rows, hi - lo, k),
+                (lhs, k),
+                (&self.weight[lo..], cout),
+                (block, hi - lo),
+            );
+        });
+    }
+
+    /// `out` computed in blocks of output channels, one per thread:
+    /// `product((lo, hi), block)` writes channels `lo .. hi` of every row
+    /// into `block` (rows `hi - lo` apart), copied into `out` after.
+    fn by_columns(
+        &self,
+        threads: usize,
+        out: &mut [f32],
+        product: impl Fn((usize, usize), &mut [f32]) + Sync,
+    ) {
         let cout = self.cout;
         let rows = out.len() / cout;
-        let k = self.kh * self.kw * self.cin;
         // Blocks of whole 16-channel groups, as even as they come.
         let groups = cout.div_ceil(16);
         let bounds: Vec<(usize, usize)> = (0..threads)
@@ -222,14 +298,8 @@ impl Conv {
         let blocks: Vec<Vec<f32>> = bounds
             .par_iter()
             .map(|&(lo, hi)| {
-                let n = hi - lo;
-                let mut block = vec![0f32; rows * n];
-                gemm_strided(
-                    (rows, n, k),
-                    (lhs, k),
-                    (&self.weight[lo..], cout),
-                    (&mut block, n),
-                );
+                let mut block = vec![0f32; rows * (hi - lo)];
+                product((lo, hi), &mut block);
                 block
             })
             .collect();
@@ -409,7 +479,7 @@ fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
 /// `a_rs` apart), `b: [k, n]` (rows `b_rs` apart: a block of columns of a
 /// wider matrix), `c: [m, n]` (rows `c_rs` apart).
 #[allow(unsafe_code)]
-fn gemm_strided(
+pub(super) fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     (a, a_rs): (&[f32], usize),
     (b, b_rs): (&[f32], usize),
@@ -477,6 +547,7 @@ mod tests {
             stride: [stride, stride],
             pad: [pad; 4],
             weight: fill(k * k * cin * cout, 7),
+            winograd: None,
             bias: fill(cout, 11),
             bn: None,
         }

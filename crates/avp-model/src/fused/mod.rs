@@ -8,13 +8,17 @@
 //! This module keeps the activations NHWC from the stem to the pool, packs
 //! every convolution's weights once, and runs each convolution tile by tile
 //! (256 output pixels) on the rayon pool: the tile's im2col rows (none for a
-//! stride-1 1x1 convolution, whose input rows are the matrix), the output
-//! tile pre-filled with the bias (plus the shortcut, for the last
-//! convolution of a block), one single-threaded `gemm` that accumulates into
-//! it, and the epilogue on the tile while it is still in cache. Activation
-//! buffers are reused across layers and calls.
+//! stride-1 1x1 convolution, whose input rows are the matrix), one
+//! single-threaded `gemm` writing the output tile, and the epilogue (bias,
+//! BatchNorm, the shortcut for the last convolution of a block, ReLU) on
+//! the tile while it is still in cache. The
+//! stride-1 3x3 convolutions run as Winograd F(2x2, 3x3) instead (16 matrix
+//! products over transformed 4x4 patches, 16/36 of the multiplications),
+//! with the same epilogue. Activation buffers are reused across layers and
+//! calls.
 //!
 //! Files: `conv.rs` (one convolution: im2col, product, epilogue),
+//! `winograd.rs` (the stride-1 3x3 convolutions),
 //! `norm.rs` (BatchNorm in the tiles), `pool.rs` (the stem's max pool),
 //! `buffers.rs` (NHWC maps and the buffer pool); this file runs the blocks.
 //!
@@ -38,6 +42,7 @@ mod buffers;
 mod conv;
 mod norm;
 mod pool;
+mod winograd;
 
 use std::fmt;
 use std::sync::Mutex;
@@ -513,7 +518,9 @@ mod tests {
     #[test]
     fn weights_are_packed_as_im2col_rows() {
         let device = Device::flex();
-        let conv = burn::nn::conv::Conv2dConfig::new([2, 3], [3, 3]).init(&device);
+        let conv = burn::nn::conv::Conv2dConfig::new([2, 3], [3, 3])
+            .with_stride([2, 2])
+            .init(&device);
         let w = host(&conv.weight);
         let packed = Conv::from_burn(&conv, None).unwrap();
         // weight[co][ci][ky][kx] sits at row (ky·3 + kx)·2 + ci, column co.
