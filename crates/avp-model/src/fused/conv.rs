@@ -143,23 +143,27 @@ impl Conv {
         let tile = rows.div_ceil(threads).clamp(1, MAX_TILE_ROWS);
         let mut out = pass.buffers.take(rows * cout);
         let res_rows = |r0: usize, n: usize| residual.map(|r| &r.data[r0 * cout..(r0 + n) * cout]);
+        // The epilogue over a finished product, row tile by row tile.
+        let epilogue_in_tiles = |out: &mut [f32]| -> Vec<Vec<f64>> {
+            out.par_chunks_mut(tile * cout)
+                .enumerate()
+                .map(|(t, dst)| {
+                    let n_rows = dst.len() / cout;
+                    self.epilogue(dst, res_rows(t * tile, n_rows), relu, bn, pass)
+                })
+                .collect()
+        };
         let partial_sums: Vec<Vec<f64>> = if let Some(u) = &self.winograd {
             let tiles = Tiles::new(oh, ow);
             let count = x.n * tiles.th * tiles.tw;
             if self.split_columns(count, threads) {
                 // Too few tiles for every thread: the threads share the
                 // output channels, each over all the tiles.
-                let units = [(0, x.n * tiles.th)];
+                let all = (0, x.n * tiles.th);
                 self.by_columns(threads, &mut out, |(lo, hi), block| {
-                    self.winograd_product(u, x, tiles, units[0], (lo, hi), block, hi - lo);
+                    self.winograd_product(u, x, tiles, all, (lo, hi), block, hi - lo);
                 });
-                out.par_chunks_mut(tile * cout)
-                    .enumerate()
-                    .map(|(t, dst)| {
-                        let n_rows = dst.len() / cout;
-                        self.epilogue(dst, res_rows(t * tile, n_rows), relu, bn, pass)
-                    })
-                    .collect()
+                epilogue_in_tiles(&mut out)
             } else {
                 // Units of whole tile rows: each one's output rows are one
                 // contiguous run of `out`.
@@ -184,13 +188,7 @@ impl Conv {
             // height (batch 1 in layer4: 49 rows): the threads share the
             // output channels instead, each over all the rows.
             self.product_by_columns(x, (oh, ow), threads, &mut out);
-            out.par_chunks_mut(tile * cout)
-                .enumerate()
-                .map(|(t, dst)| {
-                    let n_rows = dst.len() / cout;
-                    self.epilogue(dst, res_rows(t * tile, n_rows), relu, bn, pass)
-                })
-                .collect()
+            epilogue_in_tiles(&mut out)
         } else {
             out.par_chunks_mut(tile * cout)
                 .enumerate()
@@ -521,11 +519,11 @@ pub(super) fn gemm_strided(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A deterministic pseudo-random fill in -1..1.
-    fn fill(len: usize, seed: u32) -> Vec<f32> {
+    pub(in crate::fused) fn fill(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).max(1);
         (0..len)
             .map(|_| {

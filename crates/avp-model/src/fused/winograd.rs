@@ -298,19 +298,8 @@ fn output_tile(
 
 #[cfg(test)]
 mod tests {
+    use super::super::conv::tests::fill;
     use super::*;
-
-    fn fill(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// The direct 3x3 stride-1 convolution (no bias) in f64, NHWC.
     fn exact(x: &Map, w: &[f32], cout: usize, pad: [usize; 4]) -> (usize, usize, Vec<f32>) {
