@@ -60,6 +60,10 @@ Rows (--rows, comma-separated; default: all but the EXTRA ones):
               prefix runs once); against PyTorch's fine-tuning without
               augmentation, and also against its augmented finetune18 time.
   finetune50  fine-tuning layer4 of ResNet50 (random weights), augmented.
+              With --burn-conv-side, each fine-tuning row also runs avp with
+              AVP_TRAIN_CONV=burn (the trained stages' convolutions as Burn's
+              flex modules, forward and backward), for the before/after of
+              avp's batched convolutions in the same run.
 EXTRA rows (only on request):
   infer50-b8-wgpu
               avp at batch 8 on wgpu: time it on a machine with a GPU (here
@@ -253,6 +257,9 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "target", "compare-pytorch"))
     ap.add_argument("--out", help="also write the rows as JSON here")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--burn-conv-side", action="store_true",
+                    help="fine-tuning rows also run avp with AVP_TRAIN_CONV=burn (Burn's own convolutions "
+                         "in the trained stages): the before/after of avp's batched convolutions, in one run")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:
@@ -407,6 +414,11 @@ def main():
                     f"{'ResNet50' if r50 else 'real ResNet18'}{bn_what}, "
                     f"{'cache, no augmentation' if cache else 'augmented'}")
             sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp", flops)]
+            if trained and args.burn_conv_side:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                sides.append(training_side(f"avp ({args.device}), Burn's convolutions in the trained stages",
+                                           burn_cmd, dict(burn_env, AVP_TRAIN_CONV="burn"), name,
+                                           "avp-burn-conv", flops))
             engines = ["torch"] if (r50 or trained) else ["onnxruntime", "torch"]
             for engine in engines:
                 pj = os.path.join(args.work, f"{name}.pytorch-{engine}.json")

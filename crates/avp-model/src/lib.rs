@@ -56,6 +56,8 @@ pub mod onnx;
 pub mod pack;
 pub mod report;
 pub mod resnet;
+#[cfg(feature = "flex")]
+pub mod train_conv;
 pub mod weights;
 
 pub use backbone::{Backbone, Kernels};

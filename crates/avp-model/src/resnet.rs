@@ -402,16 +402,45 @@ impl Block {
     /// [`Block::forward`] with the BatchNorm layers run as `bn` says (see
     /// [`BatchNormUse`]).
     pub fn forward_with(&self, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        self.forward_convs(x, bn, Conv2d::forward)
+    }
+
+    /// [`Block::forward_with`] for a trained block: on the flex device its
+    /// convolutions (and their backward) run as batched products
+    /// ([`crate::train_conv`]); elsewhere as Burn's modules.
+    pub fn forward_trained(&self, x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
+        self.forward_convs(x, bn, trained_conv)
+    }
+
+    fn forward_convs(
+        &self,
+        x: Tensor<4>,
+        bn: BatchNormUse,
+        conv: fn(&Conv2d, Tensor<4>) -> Tensor<4>,
+    ) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(ds) => batch_norm(&ds.bn, ds.conv.forward(x.clone()), bn),
+            Some(ds) => batch_norm(&ds.bn, conv(&ds.conv, x.clone()), bn),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, self.conv1.forward(x), bn));
-        out = batch_norm(&self.bn2, self.conv2.forward(out), bn);
+        let mut out = relu(batch_norm(&self.bn1, conv(&self.conv1, x), bn));
+        out = batch_norm(&self.bn2, conv(&self.conv2, out), bn);
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv3.forward(relu(out)), bn);
+            out = batch_norm(bn3, conv(conv3, relu(out)), bn);
         }
         relu(out + identity)
+    }
+}
+
+/// A trained stage's convolution: [`crate::train_conv::conv2d`] where the
+/// flex backend is compiled in, Burn's module otherwise.
+fn trained_conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    {
+        crate::train_conv::conv2d(conv, x)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        conv.forward(x)
     }
 }
 
@@ -538,7 +567,7 @@ impl ResNetStages {
     /// says.
     pub fn forward_map(&self, mut x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
         if let Some(stem) = &self.stem {
-            x = relu(batch_norm(&stem.bn1, stem.conv1.forward(x), bn));
+            x = relu(batch_norm(&stem.bn1, trained_conv(&stem.conv1, x), bn));
             x = stem.maxpool.forward(x);
         }
         for block in self
@@ -548,7 +577,7 @@ impl ResNetStages {
             .chain(&self.layer3)
             .chain(&self.layer4)
         {
-            x = block.forward_with(x, bn);
+            x = block.forward_trained(x, bn);
         }
         x
     }

@@ -93,7 +93,7 @@ pub(super) fn floats<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().ok()
 }
 
-pub(super) fn explicit(p: &PaddingConfig2d) -> Option<[usize; 4]> {
+pub(crate) fn explicit(p: &PaddingConfig2d) -> Option<[usize; 4]> {
     match *p {
         PaddingConfig2d::Explicit(top, left, bottom, right) => Some([top, left, bottom, right]),
         PaddingConfig2d::Valid => Some([0; 4]),

@@ -1,0 +1,610 @@
+//! The trained stages' convolutions on the flex device, forward and
+//! backward, each as one batched matrix product.
+//!
+//! Fine-tuning runs the trained stages as Burn modules on the autodiff
+//! tape. Burn's flex backend computes a convolution image by image, and its
+//! default backward derives the weight gradient as another convolution with
+//! the batch as the channels and the output map as the kernel: for
+//! `layer4`'s 7x7 maps that is one tiny product (9 rows) per input channel.
+//! A `perf` profile of fine-tuning put most of the time there.
+//!
+//! This module registers one backend operation ([`TrainConvOps`], through
+//! Burn's `#[backend_extension]`) with its own backward on
+//! `Autodiff<Flex>`. With `K = C·kh·kw` and `NP = N·OH·OW` (every output
+//! pixel of the batch):
+//!
+//! - forward: `colsᵀ [K, NP]` (im2col of the whole batch, one row per
+//!   kernel tap), `outᵀ [O, NP] = W [O, K] · colsᵀ`, then NCHW;
+//! - weight gradient: `gW [O, K] = gᵀ [O, NP] · cols [NP, K]`;
+//! - input gradient (only when the input is on the tape: not for the first
+//!   trained stage, whose input comes from the frozen prefix):
+//!   `gColsᵀ [K, NP] = Wᵀ [K, O] · gᵀ`, scattered back (col2im).
+//!
+//! Each product runs multi-threaded in `gemm`. Results agree with Burn's
+//! modules to float rounding (tests here) and the fine-tuning step with
+//! PyTorch's to 1e-4 (`avp-train`'s `finetune` tests). Other devices,
+//! dtypes, grouped or dilated convolutions, `Same` padding and convolutions
+//! with a bias run Burn's `Conv2d::forward` unchanged, and so does every
+//! convolution when the environment has `AVP_TRAIN_CONV=burn`.
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// The batched convolution as a backend operation (flex, with or without
+/// autodiff). Call it through [`conv2d`], which checks that it applies.
+#[backend_extension(Flex, Autodiff)]
+pub trait TrainConvOps: Backend {
+    /// `x [N, C, H, W]` convolved with `weight [O, C, kh, kw]`, no bias,
+    /// stride `stride`, zero padding `pad = [top, left, bottom, right]`.
+    fn avp_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        pad: [usize; 4],
+    ) -> FloatTensor<Self>;
+}
+
+/// `conv.forward(x)`; on the flex device (autodiff or not) an `f32`
+/// ungrouped, undilated, bias-free convolution with explicit padding runs
+/// as this module's batched products instead.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match batched_options(conv, &x) {
+        Some((stride, pad)) => {
+            let w = conv.weight.val();
+            Tensor::from_dispatch(<Dispatch as TrainConvOps>::avp_conv2d(
+                x.into_dispatch(),
+                w.into_dispatch(),
+                stride,
+                pad,
+            ))
+        }
+        None => conv.forward(x),
+    }
+}
+
+/// Whether `AVP_TRAIN_CONV=burn` asks for Burn's convolutions in the
+/// trained stages (read once): for measuring this path against Burn's, or
+/// for ruling it out when a result looks wrong.
+fn burn_requested() -> bool {
+    static BURN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BURN.get_or_init(|| std::env::var("AVP_TRAIN_CONV").is_ok_and(|v| v == "burn"))
+}
+
+/// The stride and padding when [`conv2d`] takes the batched path.
+fn batched_options(conv: &Conv2d, x: &Tensor<4>) -> Option<([usize; 2], [usize; 4])> {
+    if burn_requested() {
+        return None;
+    }
+    let device = x.device();
+    let on_flex = crate::is_flex(&device.clone().inner());
+    let simple = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
+    if !(on_flex && simple && x.dtype() == DType::F32) {
+        return None;
+    }
+    let pad = crate::fused::explicit(&conv.padding)?;
+    let [_, _, h, w] = x.dims();
+    Geometry::new(
+        [1, 1, h, w],
+        [1, 1, conv.kernel_size[0], conv.kernel_size[1]],
+        conv.stride,
+        pad,
+    )?;
+    Some((conv.stride, pad))
+}
+
+/// Shapes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    stride: [usize; 2],
+    /// Top and left zero padding (bottom and right only shape the output).
+    pad: [usize; 2],
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// `None` when the kernel does not fit the padded input or a stride is 0.
+    fn new(x: [usize; 4], w: [usize; 4], stride: [usize; 2], pad: [usize; 4]) -> Option<Self> {
+        let ph = x[2] + pad[0] + pad[2];
+        let pw = x[3] + pad[1] + pad[3];
+        if stride.contains(&0) || ph < w[2] || pw < w[3] {
+            return None;
+        }
+        Some(Self {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            o: w[0],
+            kh: w[2],
+            kw: w[3],
+            stride,
+            pad: [pad[0], pad[1]],
+            oh: (ph - w[2]) / stride[0] + 1,
+            ow: (pw - w[3]) / stride[1] + 1,
+        })
+    }
+
+    /// Rows of `colsᵀ`: one per input channel and kernel tap.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output pixels of one image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Columns of `colsᵀ`: every output pixel of the batch.
+    fn np(&self) -> usize {
+        self.n * self.p()
+    }
+
+    /// The input column `ix` read by output column `ox` at tap `kj`, if
+    /// inside the image (likewise rows).
+    fn source(o: usize, k: usize, stride: usize, pad: usize, len: usize) -> Option<usize> {
+        (o * stride + k).checked_sub(pad).filter(|&i| i < len)
+    }
+
+    /// The output columns `ox` whose tap `kj` reads inside the image:
+    /// `lo..hi` (empty when `lo >= hi`).
+    fn valid_range(&self, kj: usize) -> (usize, usize) {
+        let [_, sw] = self.stride;
+        let pl = self.pad[1];
+        // ox*sw + kj >= pl
+        let lo = pl.saturating_sub(kj).div_ceil(sw);
+        // ox*sw + kj - pl <= w - 1
+        let hi = if self.w + pl > kj {
+            ((self.w + pl - kj - 1) / sw + 1).min(self.ow)
+        } else {
+            0
+        };
+        (lo, hi)
+    }
+}
+
+/// `colsᵀ [K, NP]` of NCHW `x`: row `(c·kh + ki)·kw + kj`, column
+/// `n·P + oy·OW + ox` holds `x[n, c, oy·sh + ki − pt, ox·sw + kj − pl]` (0
+/// in the padding).
+fn im2col_t(x: &[f32], g: &Geometry) -> Vec<f32> {
+    let (np, p, taps) = (g.np(), g.p(), g.kh * g.kw);
+    let mut cols = vec![0f32; g.k() * np];
+    cols.par_chunks_mut(taps * np)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (tap, row) in rows.chunks_mut(np).enumerate() {
+                let (ki, kj) = (tap / g.kw, tap % g.kw);
+                let (lo, hi) = g.valid_range(kj);
+                if lo >= hi {
+                    continue;
+                }
+                for n in 0..g.n {
+                    let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+                    for oy in 0..g.oh {
+                        let Some(iy) = Geometry::source(oy, ki, g.stride[0], g.pad[0], g.h) else {
+                            continue;
+                        };
+                        let src = &plane[iy * g.w..][..g.w];
+                        let dst = &mut row[n * p + oy * g.ow..][..g.ow];
+                        let ix0 = lo * g.stride[1] + kj - g.pad[1];
+                        if g.stride[1] == 1 {
+                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                        } else {
+                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[ix0 + i * g.stride[1]];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    cols
+}
+
+/// The inverse scatter of [`im2col_t`]: `gx [N, C, H, W]` summed from
+/// `gcols [K, NP]`.
+fn col2im(gcols: &[f32], g: &Geometry) -> Vec<f32> {
+    let (np, p, taps, hw) = (g.np(), g.p(), g.kh * g.kw, g.h * g.w);
+    // Channel-major while scattering, so that each thread owns whole
+    // channels; reordered to NCHW at the end.
+    let mut by_channel = vec![0f32; g.c * g.n * hw];
+    by_channel
+        .par_chunks_mut(g.n * hw)
+        .enumerate()
+        .for_each(|(c, planes)| {
+            for tap in 0..taps {
+                let (ki, kj) = (tap / g.kw, tap % g.kw);
+                let (lo, hi) = g.valid_range(kj);
+                if lo >= hi {
+                    continue;
+                }
+                let row = &gcols[(c * taps + tap) * np..][..np];
+                for n in 0..g.n {
+                    let plane = &mut planes[n * hw..][..hw];
+                    for oy in 0..g.oh {
+                        let Some(iy) = Geometry::source(oy, ki, g.stride[0], g.pad[0], g.h) else {
+                            continue;
+                        };
+                        let src = &row[n * p + oy * g.ow..][..g.ow];
+                        let dst = &mut plane[iy * g.w..][..g.w];
+                        let ix0 = lo * g.stride[1] + kj - g.pad[1];
+                        for (i, s) in src[lo..hi].iter().enumerate() {
+                            dst[ix0 + i * g.stride[1]] += s;
+                        }
+                    }
+                }
+            }
+        });
+    let mut gx = vec![0f32; g.n * g.c * hw];
+    gx.par_chunks_mut(g.c * hw)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for (c, plane) in img.chunks_mut(hw).enumerate() {
+                plane.copy_from_slice(&by_channel[(c * g.n + n) * hw..][..hw]);
+            }
+        });
+    gx
+}
+
+/// `[N, O, P]` (NCHW) from `[O, N·P]`, or back with `to_rows = true`.
+fn swap_batch(src: &[f32], n: usize, o: usize, p: usize, to_rows: bool) -> Vec<f32> {
+    let mut dst = vec![0f32; n * o * p];
+    if to_rows {
+        // dst [O, N·P] from src [N, O, P]
+        dst.par_chunks_mut(n * p).enumerate().for_each(|(oi, row)| {
+            for ni in 0..n {
+                row[ni * p..][..p].copy_from_slice(&src[(ni * o + oi) * p..][..p]);
+            }
+        });
+    } else {
+        dst.par_chunks_mut(o * p).enumerate().for_each(|(ni, img)| {
+            for oi in 0..o {
+                img[oi * p..][..p].copy_from_slice(&src[oi * n * p + ni * p..][..p]);
+            }
+        });
+    }
+    dst
+}
+
+/// A matrix operand: elements `(i, j)` at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Strides {
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` with any strides, over rayon's
+/// threads.
+#[allow(unsafe_code)]
+fn product(
+    (m, n, k): (usize, usize, usize),
+    (dst, ds): (&mut [f32], Strides),
+    (lhs, ls): (&[f32], Strides),
+    (rhs, rs): (&[f32], Strides),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.rs + (cols - 1) * s.cs;
+    assert!(last(m, n, ds) < dst.len());
+    if k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    assert!(last(m, k, ls) < lhs.len() && last(k, n, rs) < rhs.len());
+    // SAFETY: the assertions above keep every element `gemm` reads or
+    // writes inside the three slices (the largest offset of each operand is
+    // below its length); `dst` is borrowed mutably, so it aliases neither
+    // operand; `read_dst` is false, so `dst`'s old values are not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            ds.cs as isize,
+            ds.rs as isize,
+            false,
+            lhs.as_ptr(),
+            ls.cs as isize,
+            ls.rs as isize,
+            rhs.as_ptr(),
+            rs.cs as isize,
+            rs.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// Row-major strides of a `[_, cols]` matrix.
+fn rows(cols: usize) -> Strides {
+    Strides { rs: cols, cs: 1 }
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix, as `[cols, rows]`.
+fn transposed(cols: usize) -> Strides {
+    Strides { rs: 1, cs: cols }
+}
+
+fn forward_f32(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+    let (k, np) = (g.k(), g.np());
+    let cols = im2col_t(x, g);
+    let mut out_t = vec![0f32; g.o * np];
+    product(
+        (g.o, np, k),
+        (&mut out_t, rows(np)),
+        (w, rows(k)),
+        (&cols, rows(np)),
+    );
+    swap_batch(&out_t, g.n, g.o, g.p(), false)
+}
+
+fn weight_grad_f32(x: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
+    let (k, np) = (g.k(), g.np());
+    let cols = im2col_t(x, g);
+    let mut gw = vec![0f32; g.o * k];
+    product(
+        (g.o, k, np),
+        (&mut gw, rows(k)),
+        (grad_t, rows(np)),
+        (&cols, transposed(np)),
+    );
+    gw
+}
+
+fn input_grad_f32(w: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
+    let (k, np) = (g.k(), g.np());
+    let mut gcols = vec![0f32; k * np];
+    product(
+        (k, np, g.o),
+        (&mut gcols, rows(np)),
+        (w, transposed(k)),
+        (grad_t, rows(np)),
+    );
+    col2im(&gcols, g)
+}
+
+/// A flex tensor's `f32` values in row-major order (copied only when its
+/// layout is not contiguous already).
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .map(<[f32]>::to_vec)
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+fn flex_tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn geometry(x: &FlexTensor, w: &FlexTensor, stride: [usize; 2], pad: [usize; 4]) -> Geometry {
+    // `conv2d` checked the shapes before dispatching here.
+    Geometry::new(dims4(x), dims4(w), stride, pad).unwrap_or_else(|| {
+        unreachable!("avp_conv2d called with a kernel that does not fit its input")
+    })
+}
+
+impl TrainConvOps for Flex {
+    fn avp_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: [usize; 2],
+        pad: [usize; 4],
+    ) -> FlexTensor {
+        let g = geometry(&x, &weight, stride, pad);
+        let out = forward_f32(&values(&x), &values(&weight), &g);
+        flex_tensor(out, [g.n, g.o, g.oh, g.ow])
+    }
+}
+
+/// The backward of [`TrainConvOps::avp_conv2d`] on `Autodiff<Flex>`.
+#[derive(Debug)]
+struct ConvBackward;
+
+impl Backward<Flex, 2> for ConvBackward {
+    /// The input, the weights, stride and padding.
+    type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 4]);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, w, stride, pad) = ops.state;
+        let g = geometry(&x, &w, stride, pad);
+        let grad_t = swap_batch(&values(&grad), g.n, g.o, g.p(), true);
+        if let Some(node) = node_w {
+            let gw = weight_grad_f32(&values(&x), &grad_t, &g);
+            grads.register::<Flex>(node.id, flex_tensor(gw, [g.o, g.c, g.kh, g.kw]));
+        }
+        if let Some(node) = node_x {
+            let gx = input_grad_f32(&values(&w), &grad_t, &g);
+            grads.register::<Flex>(node.id, flex_tensor(gx, [g.n, g.c, g.h, g.w]));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> TrainConvOps for Autodiff<Flex, C> {
+    fn avp_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        pad: [usize; 4],
+    ) -> FloatTensor<Self> {
+        let prep = ConvBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful();
+        let (x, w) = (x.into_primitive(), weight.into_primitive());
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = <Flex as TrainConvOps>::avp_conv2d(x.clone(), w.clone(), stride, pad);
+                prep.finish((x, w, stride, pad), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<Flex as TrainConvOps>::avp_conv2d(x, w, stride, pad))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution};
+
+    fn close(ours: Tensor<4>, burn: Tensor<4>, what: &str) {
+        let a = ours.into_data().try_to_vec::<f32>().unwrap();
+        let b = burn.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-5 * scale,
+            "{what}: max |diff| {worst} (scale {scale})"
+        );
+    }
+
+    /// Forward, input and weight gradients equal Burn's own convolution on
+    /// the autodiff flex device, for the shapes ResNets use (3x3 stride 1
+    /// and 2, asymmetric CNTK padding, 1x1 stride 1 and 2, the 7x7 stem).
+    #[test]
+    fn batched_conv_and_its_backward_equal_burns() {
+        let device = Device::flex().autodiff();
+        // (batch, cin, cout, size, kernel, stride, [top, left, bottom, right])
+        let cases = [
+            (3, 5, 7, 9, 3, 1, [1, 1, 1, 1]),
+            (2, 4, 6, 10, 3, 2, [1, 1, 1, 1]),
+            (2, 4, 6, 10, 3, 2, [0, 0, 1, 1]),
+            (3, 6, 5, 7, 1, 1, [0, 0, 0, 0]),
+            (2, 6, 5, 8, 1, 2, [0, 0, 0, 0]),
+            (2, 3, 4, 16, 7, 2, [3, 3, 3, 3]),
+            (1, 2, 3, 5, 3, 3, [2, 0, 1, 2]),
+        ];
+        for (i, (n, c, o, s, k, stride, pad)) in cases.into_iter().enumerate() {
+            let conv = Conv2dConfig::new([c, o], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(pad[0], pad[1], pad[2], pad[3]))
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::<4>::random([n, c, s, s], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            assert!(
+                batched_options(&conv, &x).is_some(),
+                "case {i} takes the batched path"
+            );
+            let reference = conv.forward(x.clone());
+            let r = Tensor::<4>::random(reference.dims(), Distribution::Normal(0.0, 1.0), &device);
+            let ours = conv2d(&conv, x.clone());
+            assert_eq!(ours.dims(), reference.dims(), "case {i}: output shape");
+            let g_ref = (reference.clone() * r.clone()).sum().backward();
+            let g_ours = (ours.clone() * r).sum().backward();
+            close(
+                ours.inner(),
+                reference.inner(),
+                &format!("case {i}: forward"),
+            );
+            close(
+                x.grad(&g_ours).unwrap(),
+                x.grad(&g_ref).unwrap(),
+                &format!("case {i}: input gradient"),
+            );
+            close(
+                conv.weight.val().grad(&g_ours).unwrap(),
+                conv.weight.val().grad(&g_ref).unwrap(),
+                &format!("case {i}: weight gradient"),
+            );
+        }
+    }
+
+    /// An input off the tape (the frozen prefix's map) gets no gradient,
+    /// the weights still do; the plain flex device runs the forward alone.
+    #[test]
+    fn untracked_input_and_plain_device() {
+        let device = Device::flex().autodiff();
+        let conv = Conv2dConfig::new([4, 3], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(&device);
+        let x = Tensor::<4>::random([2, 4, 6, 6], Distribution::Normal(0.0, 1.0), &device);
+        let grads = conv2d(&conv, x.clone()).sum().backward();
+        assert!(x.grad(&grads).is_none());
+        let gw = conv.weight.val().grad(&grads).unwrap();
+        let reference = conv
+            .weight
+            .val()
+            .grad(&conv.forward(x.clone()).sum().backward());
+        close(
+            gw,
+            reference.unwrap(),
+            "weight gradient, input off the tape",
+        );
+
+        let plain = conv.valid();
+        let xi = x.inner();
+        close(
+            conv2d(&plain, xi.clone()),
+            plain.forward(xi),
+            "plain flex forward",
+        );
+    }
+
+    /// What the batched path does not take runs Burn's module.
+    #[test]
+    fn other_convolutions_fall_back() {
+        let device = Device::flex();
+        let x = Tensor::<4>::zeros([1, 4, 6, 6], &device);
+        let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
+        assert!(batched_options(&biased, &x).is_none());
+        let same = Conv2dConfig::new([4, 4], [3, 3])
+            .with_bias(false)
+            .with_padding(PaddingConfig2d::Same)
+            .init(&device);
+        assert!(batched_options(&same, &x).is_none());
+        let grouped = Conv2dConfig::new([4, 4], [3, 3])
+            .with_bias(false)
+            .with_groups(2)
+            .init(&device);
+        assert!(batched_options(&grouped, &x).is_none());
+        assert_eq!(
+            conv2d(&grouped, x.clone()).dims(),
+            grouped.forward(x).dims()
+        );
+    }
+}
