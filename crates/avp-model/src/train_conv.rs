@@ -91,7 +91,12 @@ fn batched_options(conv: &Conv2d, x: &Tensor<4>) -> Option<([usize; 2], [usize; 
         return None;
     }
     let pad = crate::fused::explicit(&conv.padding)?;
-    let [_, _, h, w] = x.dims();
+    let [_, c, h, w] = x.dims();
+    // A channel count that does not match the weights is left to Burn's
+    // convolution, which reports it.
+    if conv.weight.dims()[1] != c {
+        return None;
+    }
     Geometry::new(
         [1, 1, h, w],
         [1, 1, conv.kernel_size[0], conv.kernel_size[1]],
@@ -602,6 +607,12 @@ mod tests {
             .with_groups(2)
             .init(&device);
         assert!(batched_options(&grouped, &x).is_none());
+        let plain = Conv2dConfig::new([4, 4], [3, 3])
+            .with_bias(false)
+            .init(&device);
+        assert!(batched_options(&plain, &x).is_some());
+        let three_channels = Tensor::<4>::zeros([1, 3, 6, 6], &device);
+        assert!(batched_options(&plain, &three_channels).is_none());
         assert_eq!(
             conv2d(&grouped, x.clone()).dims(),
             grouped.forward(x).dims()
