@@ -57,7 +57,9 @@ fn error_against(
     let x = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
     let ours = model(x).into_data().try_to_vec::<f32>().unwrap();
     let (_, reference) = npy::read_f32(&dir.join(output)).unwrap();
-    rel_err(&ours, &reference)
+    let err = rel_err(&ours, &reference);
+    eprintln!("{output}: largest relative error {err:.2e}");
+    err
 }
 
 #[test]

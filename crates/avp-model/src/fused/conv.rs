@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::buffers::Map;
 use super::norm::{BatchStats, Pass, bias_residual_relu, bias_scale_shift, scale_shift};
-use super::winograd::{Tiles, transform_weights};
+use super::winograd::{Tiles, Variant, Winograd, transform_weights};
 use super::{explicit, floats};
 use crate::batchnorm::BatchNormUse;
 
@@ -35,8 +35,8 @@ pub(super) struct Conv {
     /// Empty when the convolution runs as Winograd ([`Conv::winograd`]).
     pub(super) weight: Vec<f32>,
     /// A stride-1 3x3 convolution's weights transformed for Winograd
-    /// F(2x2, 3x3): 16 row-major `[cin, cout]` matrices (`winograd.rs`).
-    pub(super) winograd: Option<Vec<f32>>,
+    /// F(2x2, 3x3) or F(4x4, 3x3) (`winograd.rs`).
+    pub(super) winograd: Option<Winograd>,
     pub(super) bias: Vec<f32>,
     /// Index of the BatchNorm after this convolution in [`batchnorms`]
     /// order, for a network that is not folded.
@@ -71,7 +71,7 @@ impl Conv {
                 stride: conv.stride,
                 pad,
                 weight: Vec::new(),
-                winograd: Some(transform_weights(&w, cin, cout)),
+                winograd: Some(transform_weights(&w, cin, cout, Variant::chosen(cin, cout))),
                 bias,
                 bn,
             });
@@ -153,8 +153,8 @@ impl Conv {
                 })
                 .collect()
         };
-        let partial_sums: Vec<Vec<f64>> = if let Some(u) = &self.winograd {
-            let tiles = Tiles::new(oh, ow);
+        let partial_sums: Vec<Vec<f64>> = if let Some(wino) = &self.winograd {
+            let (u, tiles) = (&wino.u, Tiles::new(oh, ow, wino.variant));
             let count = x.n * tiles.th * tiles.tw;
             if self.split_columns(count, threads) {
                 // Too few tiles for every thread: the threads share the

@@ -12,9 +12,11 @@
 //! single-threaded `gemm` writing the output tile, and the epilogue (bias,
 //! BatchNorm, the shortcut for the last convolution of a block, ReLU) on
 //! the tile while it is still in cache. The
-//! stride-1 3x3 convolutions run as Winograd F(2x2, 3x3) instead (16 matrix
-//! products over transformed 4x4 patches, 16/36 of the multiplications),
-//! with the same epilogue. Activation buffers are reused across layers and
+//! stride-1 3x3 convolutions run as Winograd instead, with the same
+//! epilogue: F(4x4, 3x3) (36 matrix products over transformed 6x6 patches,
+//! a quarter of the multiplications) up to 256x256 channels, F(2x2, 3x3)
+//! (16 products over 4x4 patches, 16/36) on the wider layers
+//! (`AVP_WINOGRAD=f2` everywhere). Activation buffers are reused across layers and
 //! calls.
 //!
 //! Files: `conv.rs` (one convolution: im2col, product, epilogue),
