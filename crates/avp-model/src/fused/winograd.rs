@@ -59,8 +59,8 @@ impl Variant {
     /// at 224x224) fills only 49 of the 64 pixels of its 4x4 tiles, in
     /// tiles so few that the products run short. So the widest layers
     /// (more than 256x256 channel pairs: the last stage of ResNet18 and
-    /// ResNet50, 9.4 MB of weights each as F(4x4)) keep F(2x2); peak RSS
-    /// stays within what the issue allows against ONNX Runtime.
+    /// ResNet50, 9.4 MB of weights each as F(4x4)) keep F(2x2), and peak
+    /// RSS stays within 30% of ONNX Runtime's (README, "Performance").
     pub(super) fn for_layer(cin: usize, cout: usize) -> Self {
         if cin.saturating_mul(cout) <= F4_MAX_CHANNEL_PAIRS {
             Self::F4
@@ -162,6 +162,10 @@ pub(super) fn transform_weights(w: &[f32], cin: usize, cout: usize, variant: Var
 }
 
 type Lanes = [f32; LANES];
+
+/// A variant's `Bᵀ` (over an α-long column) and `Aᵀ` (α values to m).
+type Transforms<const A: usize, const M: usize> =
+    (fn(&[Lanes; A]) -> [Lanes; A], fn(&[Lanes; A]) -> [Lanes; M]);
 
 /// `Bᵀ d` for F(2x2, 3x3), lane by lane.
 fn bt4(d: &[Lanes; 4]) -> [Lanes; 4] {
@@ -303,7 +307,7 @@ impl Conv {
         (g0, g1): (usize, usize),
         (lo, hi): (usize, usize),
         (dst, dst_rs): (&mut [f32], usize),
-        (bt, at): (fn(&[Lanes; A]) -> [Lanes; A], fn(&[Lanes; A]) -> [Lanes; M]),
+        (bt, at): Transforms<A, M>,
     ) {
         let cin = self.cin;
         let ncol = hi - lo;
@@ -408,9 +412,10 @@ impl Conv {
             }
             // Bᵀ d, one column at a time; then (Bᵀ d) B, one row at a time.
             let cols: [[Lanes; A]; A] = std::array::from_fn(|j| bt(&d[j]));
-            for i in 0..A {
-                let row: [Lanes; A] = std::array::from_fn(|j| cols[j][i]);
-                for (j, o) in bt(&row).iter().enumerate() {
+            let rows: [[Lanes; A]; A] =
+                std::array::from_fn(|i| std::array::from_fn(|j| cols[j][i]));
+            for (i, row) in rows.iter().enumerate() {
+                for (j, o) in bt(row).iter().enumerate() {
                     let at = ((A * i + j) * count + t) * cin + c0;
                     v[at..at + w].copy_from_slice(&o[..w]);
                 }
