@@ -142,15 +142,13 @@ pub(super) fn transform_weights(w: &[f32], cin: usize, cout: usize, variant: Var
     for co in 0..cout {
         for ci in 0..cin {
             let g = &w[(co * cin + ci) * 9..][..9];
-            // G g: α rows of 3.
-            let gg: Vec<[f64; 3]> = g_mat
-                .iter()
-                .map(|gr| {
-                    std::array::from_fn(|x| (0..3).map(|k| gr[k] * g[3 * k + x] as f64).sum())
-                })
-                .collect();
+            // G g: α rows of 3 (a fixed array: no allocation per pair).
+            let mut gg = [[0f64; 3]; 6];
+            for (row, gr) in gg.iter_mut().zip(g_mat) {
+                *row = std::array::from_fn(|x| (0..3).map(|k| gr[k] * g[3 * k + x] as f64).sum());
+            }
             // (G g) Gᵀ: α columns of each row.
-            for (i, row) in gg.iter().enumerate() {
+            for (i, row) in gg[..alpha].iter().enumerate() {
                 for (j, gr) in g_mat.iter().enumerate() {
                     let v: f64 = (0..3).map(|k| row[k] * gr[k]).sum();
                     u[((alpha * i + j) * cin + ci) * cout + co] = v as f32;
