@@ -43,8 +43,14 @@ Rows (--rows, comma-separated; default: all but the EXTRA ones):
               the backbone in onnxruntime (it is an ONNX file) and with the
               backbone loaded into torch itself (pytorch_lesson.py --engine
               torch: what a PyTorch user runs). PyTorch runs the backbone over
-              the validation split in every epoch, as avp does
-              (--no-valid-reuse).
+              the validation split in every epoch, as the lesson's code does
+              (pytorch_lesson.py --no-valid-reuse); avp keeps the frozen
+              backbone's validation outputs from the first epoch (its
+              default; the same numbers). With --valid-reuse-sides the row
+              adds avp with --no-valid-reuse (the before/after of that lever
+              in one run) and PyTorch-native keeping them too (the
+              reference script's default), so both ways are compared like
+              for like.
   cache18     the same without augmentation, with the feature cache; its
               ratio is also given against PyTorch-native's lesson18 time.
   lesson50    the lesson's workload: ResNet50 (random weights: speed does not
@@ -146,14 +152,17 @@ NETS = {"resnet50": resnet_stage_flops("bottleneck", [3, 4, 6, 3]),
         "mlnet": resnet_stage_flops("basic", [2, 2, 2, 3])}
 
 
-def training_flops(net, n_train, n_valid, epochs, trained=(), cached=False):
+def training_flops(net, n_train, n_valid, epochs, trained=(), cached=False, valid_reuse=False):
     """Useful FLOPs of a training run: the backbone's forward over every image
-    it runs, plus the backward (twice the forward) of the trained stages."""
+    it runs, plus the backward (twice the forward) of the trained stages.
+    With valid_reuse the frozen part runs over the validation split once."""
     stages = NETS[net]
     full = sum(stages.values())
     tuned = sum(stages[s] for s in trained)
     if cached:  # the frozen part runs once over both splits; the trained stages every epoch
         return (full - tuned) * (n_train + n_valid) + epochs * (3 * tuned * n_train + tuned * n_valid)
+    if valid_reuse:
+        return epochs * (full + 2 * tuned) * n_train + ((full - tuned) + epochs * tuned) * n_valid
     return epochs * ((full + 2 * tuned) * n_train + full * n_valid)
 
 
@@ -260,6 +269,9 @@ def main():
     ap.add_argument("--burn-conv-side", action="store_true",
                     help="fine-tuning rows also run avp with AVP_TRAIN_CONV=burn (Burn's own convolutions "
                          "in the trained stages): the before/after of avp's batched convolutions, in one run")
+    ap.add_argument("--valid-reuse-sides", action="store_true",
+                    help="lesson rows also run avp with --no-valid-reuse and PyTorch-native keeping the "
+                         "frozen backbone's validation outputs (pytorch_lesson.py's default)")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:
@@ -363,11 +375,13 @@ def main():
                     gflops=ips * r50_flops / 1e9, burn_kernels_folded=burn["folded"],
                     burn_kernels_unfolded=burn["unfolded"])
 
-    def training_side(label, cmd, env, name, tag, flops, pytorch_json=None):
+    def training_side(label, cmd, env, name, tag, flops, pytorch_json=None, valid_reuse=False):
         s, rss, text = run(cmd, env, log(name, tag))
         acc = (json.load(open(pytorch_json))["runs"][0]["final_valid_acc"] if pytorch_json
                else final_acc(text))
-        return side(label, s, rss, accuracy=acc, gflops=flops / s / 1e9)
+        # GFLOP/s counts the FLOPs this side computes (the validation
+        # split's frozen part once when it keeps its outputs).
+        return side(label, s, rss, accuracy=acc, gflops=flops / s / 1e9, valid_reuse=valid_reuse)
 
     for name in rows:
         print(f"\n=== {name}", flush=True)
@@ -413,7 +427,17 @@ def main():
             what = (f"{'fine-tuning layer4' if trained else 'lesson'}, "
                     f"{'ResNet50' if r50 else 'real ResNet18'}{bn_what}, "
                     f"{'cache, no augmentation' if cache else 'augmented'}")
-            sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp", flops)]
+            # avp keeps the validation outputs of a frozen BatchNorm's
+            # backbone (not in the lesson's BatchNorm mode; the cache rows
+            # keep both splits on disk anyway).
+            reuse = not cache and name != "lesson50bn"
+            reuse_flops = training_flops(net, n_train, n_valid, args.epochs, trained, valid_reuse=True)
+            sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp",
+                                   reuse_flops if reuse else flops, valid_reuse=reuse)]
+            if reuse and args.valid_reuse_sides:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                sides.append(training_side(f"avp ({args.device}), validation recomputed every epoch",
+                                           burn_cmd + ["--no-valid-reuse"], burn_env, name, "avp-no-reuse", flops))
             if trained and args.burn_conv_side:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 sides.append(training_side(f"avp ({args.device}), Burn's convolutions in the trained stages",
@@ -426,6 +450,13 @@ def main():
                 label = (f"PyTorch {versions['torch']}" if r50 else
                          f"PyTorch {versions['torch']}, backbone in {'torch' if engine == 'torch' else 'onnxruntime'}")
                 sides.append(training_side(label, cmd, None, name, f"pytorch-{engine}", flops, pj))
+            if args.valid_reuse_sides and not (cache or trained or r50):
+                # The reference script keeps a frozen mlnet's validation
+                # outputs unless told not to.
+                pj = os.path.join(args.work, f"{name}.pytorch-torch-reuse.json")
+                cmd = [c for c in torch_cmd if c != "--no-valid-reuse"] + ["--out", pj, "--engine", "torch"]
+                sides.append(training_side(f"PyTorch {versions['torch']}, backbone in torch, validation outputs kept",
+                                           cmd, None, name, "pytorch-torch-reuse", reuse_flops, pj, valid_reuse=True))
             results.append({"row": name, "what": what, "kind": "training", "flops": flops, "sides": sides})
         for sd in results[-1]["sides"]:
             sd["fraction_of_peak"] = sd["gflops"] / peak
@@ -465,9 +496,12 @@ def main():
     by = {r["row"]: r for r in results}
     for cached, full in (("cache18", "lesson18"), ("cache50", "lesson50"), ("finetune18-cache", "finetune18")):
         if cached in by and full in by:
-            c = by[cached]["sides"][0]["seconds"] / by[full]["sides"][-1]["seconds"]
+            # PyTorch-native as the lesson's code runs it (no reuse).
+            native = [sd for sd in by[full]["sides"]
+                      if sd["engine"].startswith("PyTorch") and not sd.get("valid_reuse")][-1]
+            c = by[cached]["sides"][0]["seconds"] / native["seconds"]
             print(f"\navp's {by[cached]['what']} run takes {c:.2f}x the wall time of "
-                  f"{by[full]['sides'][-1]['engine']}'s {by[full]['what']} run")
+                  f"{native['engine']}'s {by[full]['what']} run")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"processor": cpu, "threads": args.threads, "logical_processors": os.cpu_count(),

@@ -264,6 +264,11 @@ pub struct TrainArgs {
     /// 20,000 images, header above)
     #[arg(long, default_value = "auto", value_name = "CHECK")]
     pub verify: String,
+    /// Run the frozen backbone over the validation images in every epoch
+    /// (by default its outputs are kept from the first epoch: the same
+    /// numbers, computed once; the lesson's --bn-mode always recomputes)
+    #[arg(long)]
+    pub no_valid_reuse: bool,
 }
 
 impl TrainArgs {
@@ -330,7 +335,8 @@ impl TrainArgs {
             .with_momentum(self.momentum.unwrap_or(0.0))
             .with_weight_decay(self.weight_decay)
             .with_lr_step(self.lr_step)
-            .with_lr_gamma(self.lr_gamma.unwrap_or(0.1));
+            .with_lr_gamma(self.lr_gamma.unwrap_or(0.1))
+            .with_valid_reuse(!self.no_valid_reuse);
         config.validate()?;
         Ok(config)
     }

@@ -18,7 +18,8 @@
 //! training, and with their running statistics in validation (PyTorch's
 //! `model.train()` / `model.eval()` for a trained layer).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use avp_data::ImageBatch;
 use avp_model::resnet::global_pool;
@@ -28,7 +29,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::{ClassificationOutput, InferenceStep, TrainOutput, TrainStep};
 
 use crate::cache::FeatureBatch;
@@ -193,6 +194,113 @@ pub struct Classifier {
     /// BatchNorm behaviour while training.
     #[module(skip)]
     pub bn_mode: BnMode,
+    /// The frozen prefix's outputs on the validation images, kept from the
+    /// first validation pass for the later ones (see [`ValidMemo`]);
+    /// `None`: computed in every pass.
+    #[module(skip)]
+    pub valid_memo: Option<ValidMemo>,
+}
+
+/// The most bytes of frozen-prefix outputs a [`ValidMemo`] keeps (1 GiB);
+/// the validation images past it run through the backbone in every pass.
+pub const VALID_MEMO_MAX_BYTES: usize = 1 << 30;
+
+/// The frozen part's output for each validation image, by dataset index,
+/// kept from the first validation pass of a training run.
+///
+/// With the backbone's BatchNorm frozen ([`BnMode::Frozen`]) and the
+/// validation transform deterministic (it is: resize, crop, normalize),
+/// the frozen prefix gives every validation image the same output in every
+/// epoch; later passes run only what trains (the head, and the fine-tuned
+/// stages). The results are those of a full pass: the same numbers go into
+/// the same head. Up to [`VALID_MEMO_MAX_BYTES`] are kept (a batch is kept
+/// whole or not at all); the rest is recomputed. The PyTorch reference
+/// script does the same by default (`--no-valid-reuse` turns it off there,
+/// and `TrainConfig::valid_reuse` here).
+///
+/// A memo belongs to one validation split: the keys are its dataset
+/// indices. Training sets it for the validation passes and removes it from
+/// the classifier it returns.
+#[derive(Clone, Debug, Default)]
+pub struct ValidMemo(Arc<Mutex<MemoTable>>);
+
+#[derive(Debug, Default)]
+struct MemoTable {
+    rows: HashMap<usize, Vec<f32>>,
+    /// The shape of one row (`[F]` or `[C, H, W]`).
+    row_shape: Vec<usize>,
+    bytes: usize,
+}
+
+impl ValidMemo {
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Images kept so far.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|t| t.rows.len()).unwrap_or(0)
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The kept rows of `indices`, stacked in their order on `device`;
+    /// `None` unless every one is kept with a `D - 1`-dimensional shape.
+    fn lookup<const D: usize>(&self, indices: &[usize], device: &Device) -> Option<Tensor<D>> {
+        let table = self.0.lock().ok()?;
+        if indices.is_empty() || table.row_shape.len() + 1 != D {
+            return None;
+        }
+        let row: usize = table.row_shape.iter().product();
+        let mut data = Vec::with_capacity(indices.len() * row);
+        for i in indices {
+            data.extend_from_slice(table.rows.get(i)?);
+        }
+        let mut shape = vec![indices.len()];
+        shape.extend_from_slice(&table.row_shape);
+        Some(Tensor::from_data(TensorData::new(data, shape), device))
+    }
+
+    /// Keeps the rows of `output` (one per entry of `indices`) when they
+    /// fit the budget and the shape of the rows kept before.
+    fn store<const D: usize>(&self, indices: &[usize], output: &Tensor<D>) {
+        let dims = output.dims();
+        if dims[0] != indices.len() || indices.is_empty() {
+            return;
+        }
+        let Ok(mut table) = self.0.lock() else {
+            return;
+        };
+        let row: usize = dims[1..].iter().product();
+        let bytes = row * indices.len() * std::mem::size_of::<f32>();
+        if table.bytes + bytes > VALID_MEMO_MAX_BYTES
+            || (!table.rows.is_empty() && table.row_shape != dims[1..])
+        {
+            return;
+        }
+        let Ok(values) = output
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+        else {
+            return;
+        };
+        table.row_shape = dims[1..].to_vec();
+        for (k, &i) in indices.iter().enumerate() {
+            if let Some(old) = table
+                .rows
+                .insert(i, values[k * row..(k + 1) * row].to_vec())
+            {
+                table.bytes -= old.len() * std::mem::size_of::<f32>();
+            }
+        }
+        table.bytes += bytes;
+    }
 }
 
 impl Classifier {
@@ -210,7 +318,16 @@ impl Classifier {
             trained_stages: None,
             backbone: FrozenBackbone(backbone),
             bn_mode,
+            valid_memo: None,
         })
+    }
+
+    /// The same classifier keeping its frozen prefix's validation outputs
+    /// in `memo` (see [`ValidMemo`]). Only a frozen BatchNorm mode uses it:
+    /// with [`BnMode::Lesson`] the running statistics move every epoch.
+    pub fn with_valid_memo(mut self, memo: ValidMemo) -> Self {
+        self.valid_memo = Some(memo);
+        self
     }
 
     /// The same classifier with the backbone's stages from `first` on
@@ -313,12 +430,57 @@ impl TrainStep for Classifier {
     }
 }
 
+impl Classifier {
+    /// Validation logits with the frozen prefix's output taken from, or
+    /// put into, `memo`; `None` where the memo does not apply (the
+    /// lesson's BatchNorm mode, images on the tape, the stem fine-tuned).
+    fn memo_logits(
+        &self,
+        memo: &ValidMemo,
+        images: Tensor<4>,
+        indices: &[usize],
+    ) -> Result<Tensor<2>, Tensor<4>> {
+        if self.bn_mode != BnMode::Frozen || images.is_autodiff() {
+            return Err(images);
+        }
+        let device = images.device();
+        let frozen = BatchNormUse::Folded;
+        let Some(stages) = &self.trained_stages else {
+            let features = memo.lookup::<2>(indices, &device).unwrap_or_else(|| {
+                let f = self.backbone.0.features(images, frozen);
+                memo.store(indices, &f);
+                f
+            });
+            return Ok(self.head.forward(features));
+        };
+        let first = stages.first().unwrap_or(Stage::Layer4);
+        if first == Stage::Stem {
+            return Err(images);
+        }
+        let map = memo.lookup::<4>(indices, &device).unwrap_or_else(|| {
+            let m = self.backbone.0.feature_map_before(images, first, frozen);
+            memo.store(indices, &m);
+            m
+        });
+        Ok(self.head.forward(global_pool(
+            stages.forward_map(map, trained_stages_bn(false)),
+        )))
+    }
+}
+
 impl InferenceStep for Classifier {
     type Input = ImageBatch;
     type Output = ClassificationOutput;
 
     fn step(&self, batch: ImageBatch) -> ClassificationOutput {
-        self.classify(batch.images, batch.targets, false)
+        let images = match &self.valid_memo {
+            Some(memo) => match self.memo_logits(memo, batch.images, &batch.indices) {
+                Ok(logits) => return classify_logits(logits, batch.targets),
+                Err(images) => images,
+            },
+            None => batch.images,
+        };
+        self.classify(images, batch.targets, false)
     }
 }
 

@@ -41,7 +41,7 @@ pub use cache::{
     CacheOrigin, FeatureBatch, FeatureLoader, FeatureTable, MergeOutcome, Shard, ShardOutcome,
     merge_dir,
 };
-pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig};
+pub use classifier::{BnMode, CachedHead, Classifier, Head, HeadConfig, ValidMemo};
 pub use error::TrainError;
 pub use finetune::{OptimizerKind, parse_stages};
 pub use metrics::{EpochMetrics, lesson_lines, read_metrics_csv};

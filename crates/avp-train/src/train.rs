@@ -115,6 +115,13 @@ pub struct TrainConfig {
     /// The factor of the step schedule.
     #[config(default = 0.1)]
     pub lr_gamma: f64,
+    /// Keep the frozen prefix's output on the validation images from the
+    /// first epoch for the later ones ([`crate::classifier::ValidMemo`]):
+    /// the same numbers, computed once. Applies with `bn_mode` frozen and
+    /// without the feature cache (which keeps them on disk); `false`
+    /// recomputes them in every epoch, as the PyTorch lesson does.
+    #[config(default = true)]
+    pub valid_reuse: bool,
 }
 
 /// The training augmentation (with `augment` on).
@@ -1194,10 +1201,16 @@ fn train_images(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     if let Some(&first) = config.finetune.first() {
         model = model.with_trained_stages(first, &inner);
     }
+    if config.valid_reuse && config.bn_mode == BnMode::Frozen {
+        model = model.with_valid_memo(crate::classifier::ValidMemo::new());
+    }
     let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
     train_loader.set_epoch(start_epoch);
     let valid_loader = OrderedLoader::new(valid_ds, config.batch_size, None, &inner);
-    let (model, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run)?;
+    let (mut model, epochs) = launch(model, Arc::new(train_loader), Arc::new(valid_loader), run)?;
+    // The memo's keys are this validation split's indices: the classifier
+    // handed back must not answer other images from it.
+    model.valid_memo = None;
     Ok((model, epochs, None))
 }
 

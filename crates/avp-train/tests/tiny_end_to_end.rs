@@ -9,7 +9,7 @@ use burn::config::Config;
 use burn::module::Module;
 
 mod common;
-use common::{make_dataset, scratch, serial, tiny_backbone};
+use common::{make_dataset, scratch, serial, tiny_backbone, values};
 
 fn snapshot(m: &avp_model::ResNet) -> Vec<f32> {
     let mut v = m
@@ -268,4 +268,94 @@ fn a_diverging_loss_stops_the_run_without_a_model() {
     assert!(e.to_string().contains("loss became"), "{e}");
     assert!(e.to_string().contains("Lower the learning rate"), "{e}");
     assert!(!out.join("model.bpk").exists());
+}
+
+/// The validation memo changes no number: every epoch's losses and
+/// accuracies are those of a run that recomputes the frozen backbone's
+/// validation outputs in every epoch, frozen and fine-tuning layer4.
+#[test]
+fn reusing_validation_features_gives_the_numbers_of_recomputing_them() {
+    let _serial = serial();
+    let s = scratch("valid-reuse");
+    let data = s.0.join("data");
+    make_dataset(&data, (8, 5));
+    let device = parse_device("flex").unwrap();
+    for finetune in [vec![], vec![avp_model::Stage::Layer4]] {
+        let run = |reuse: bool| {
+            let config = TrainConfig::new()
+                .with_epochs(3)
+                .with_batch_size(3)
+                .with_lr(3e-2)
+                .with_finetune(finetune.clone())
+                .with_valid_reuse(reuse);
+            let out = s.0.join(format!("out-{reuse}-{}", finetune.len()));
+            train(tiny_backbone(&device), &data, &out, &config, &device)
+                .unwrap()
+                .epochs
+        };
+        let (kept, recomputed) = (run(true), run(false));
+        assert_eq!(kept.len(), 3);
+        for (a, b) in kept.iter().zip(&recomputed) {
+            assert_eq!(
+                (a.train_loss, a.train_acc, a.valid_loss, a.valid_acc),
+                (b.train_loss, b.train_acc, b.valid_loss, b.valid_acc),
+                "epoch {} with finetune {finetune:?}",
+                a.epoch
+            );
+        }
+    }
+}
+
+/// A classifier with a memo answers a validation batch it has seen from
+/// the memo (other pixels under the same dataset indices give the first
+/// batch's logits), and one without a memo, or in the lesson's BatchNorm
+/// mode, runs the backbone again.
+#[test]
+fn the_validation_memo_answers_by_index_and_only_when_frozen() {
+    use avp_train::{Classifier, HeadConfig, ValidMemo};
+    use burn::tensor::{Distribution, Int, Tensor};
+    use burn::train::InferenceStep;
+    use std::sync::Arc;
+
+    // It draws random images: not while a training test seeds and draws.
+    let _serial = serial();
+    let device = parse_device("flex").unwrap();
+    let backbone = Arc::new(avp_model::Backbone::from(tiny_backbone(&device)));
+    let head = HeadConfig::new()
+        .init(backbone.num_features(), 2, &device)
+        .unwrap();
+    let batch = |seed: f64| avp_data::ImageBatch {
+        images: Tensor::<4>::random([3, 3, 40, 48], Distribution::Uniform(-seed, seed), &device),
+        targets: Tensor::<1, Int>::from_data([0i64, 1, 0], &device),
+        indices: vec![4, 7, 9],
+    };
+    let logits = |c: &Classifier, b| values(InferenceStep::step(c, b).output);
+    let (first, second) = (batch(1.0), batch(2.0));
+    for (mode, stages) in [
+        (BnMode::Frozen, None),
+        (BnMode::Frozen, Some(avp_model::Stage::Layer4)),
+        (BnMode::Lesson, None),
+    ] {
+        let memo = ValidMemo::new();
+        let mut plain = Classifier::new(Arc::clone(&backbone), head.clone(), mode).unwrap();
+        if let Some(first) = stages {
+            plain = plain.with_trained_stages(first, &device);
+        }
+        let with_memo = plain.clone().with_valid_memo(memo.clone());
+        let a = logits(&with_memo, first.clone());
+        assert_eq!(a, logits(&plain, first.clone()), "{mode:?} {stages:?}");
+        let b = logits(&with_memo, second.clone());
+        let fresh = logits(&plain, second.clone());
+        assert_ne!(
+            a, fresh,
+            "the two batches must differ for this test to mean anything"
+        );
+        if mode == BnMode::Frozen {
+            assert_eq!(memo.len(), 3, "{stages:?}");
+            assert_eq!(b, a, "{stages:?}: the memo answers seen indices");
+        } else {
+            assert!(memo.is_empty(), "the lesson's mode keeps nothing");
+            assert_eq!(b, fresh);
+        }
+    }
 }
