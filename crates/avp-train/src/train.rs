@@ -1201,7 +1201,14 @@ fn train_images(job: Job<'_>, run: Run<'_>) -> Result<Trained, TrainError> {
     if let Some(&first) = config.finetune.first() {
         model = model.with_trained_stages(first, &inner);
     }
-    if config.valid_reuse && config.bn_mode == BnMode::Frozen {
+    // (Fine-tuning the stem leaves no frozen part to keep.)
+    let frozen_part = config.finetune.first() != Some(&avp_model::Stage::Stem);
+    if config.valid_reuse && config.bn_mode == BnMode::Frozen && config.epochs > 1 && frozen_part {
+        report::info(format!(
+            "validation: the frozen backbone's outputs on the {} validation images are kept from \
+             the first epoch for the later ones (up to 1 GiB; --no-valid-reuse recomputes them)",
+            burn::data::dataset::Dataset::len(&valid_ds)
+        ));
         model = model.with_valid_memo(crate::classifier::ValidMemo::new());
     }
     let train_loader = OrderedLoader::new(train_ds, config.batch_size, Some(config.seed), &ad);
