@@ -437,32 +437,35 @@ impl Classifier {
     fn memo_logits(
         &self,
         memo: &ValidMemo,
-        images: Tensor<4>,
+        images: &Tensor<4>,
         indices: &[usize],
-    ) -> Result<Tensor<2>, Tensor<4>> {
+    ) -> Option<Tensor<2>> {
         if self.bn_mode != BnMode::Frozen || images.is_autodiff() {
-            return Err(images);
+            return None;
         }
         let device = images.device();
         let frozen = BatchNormUse::Folded;
         let Some(stages) = &self.trained_stages else {
             let features = memo.lookup::<2>(indices, &device).unwrap_or_else(|| {
-                let f = self.backbone.0.features(images, frozen);
+                let f = self.backbone.0.features(images.clone(), frozen);
                 memo.store(indices, &f);
                 f
             });
-            return Ok(self.head.forward(features));
+            return Some(self.head.forward(features));
         };
         let first = stages.first().unwrap_or(Stage::Layer4);
         if first == Stage::Stem {
-            return Err(images);
+            return None;
         }
         let map = memo.lookup::<4>(indices, &device).unwrap_or_else(|| {
-            let m = self.backbone.0.feature_map_before(images, first, frozen);
+            let m = self
+                .backbone
+                .0
+                .feature_map_before(images.clone(), first, frozen);
             memo.store(indices, &m);
             m
         });
-        Ok(self.head.forward(global_pool(
+        Some(self.head.forward(global_pool(
             stages.forward_map(map, trained_stages_bn(false)),
         )))
     }
@@ -473,14 +476,12 @@ impl InferenceStep for Classifier {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: ImageBatch) -> ClassificationOutput {
-        let images = match &self.valid_memo {
-            Some(memo) => match self.memo_logits(memo, batch.images, &batch.indices) {
-                Ok(logits) => return classify_logits(logits, batch.targets),
-                Err(images) => images,
-            },
-            None => batch.images,
-        };
-        self.classify(images, batch.targets, false)
+        if let Some(memo) = &self.valid_memo
+            && let Some(logits) = self.memo_logits(memo, &batch.images, &batch.indices)
+        {
+            return classify_logits(logits, batch.targets);
+        }
+        self.classify(batch.images, batch.targets, false)
     }
 }
 
