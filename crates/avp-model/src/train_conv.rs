@@ -20,12 +20,20 @@
 //!   trained stage, whose input comes from the frozen prefix):
 //!   `gColsᵀ [K, NP] = Wᵀ [K, O] · gᵀ`, scattered back (col2im).
 //!
+//! Stride-1 3x3 convolutions whose output map holds at least a 4x4 tile
+//! (all of `layer4`'s but the first at 224x224 input) run all three as
+//! Winograd F(4x4, 3x3) instead (the `winograd` submodule): 36 products of
+//! a quarter of the size over the transformed tiles, about a third of the
+//! direct products' multiplications on a 7x7 map.
+//!
 //! Each product runs multi-threaded in `gemm`. Results agree with Burn's
 //! modules to float rounding (tests here) and the fine-tuning step with
 //! PyTorch's to 1e-4 (`avp-train`'s `finetune` tests). Other devices,
 //! dtypes, grouped or dilated convolutions, `Same` padding and convolutions
 //! with a bias run Burn's `Conv2d::forward` unchanged, and so does every
-//! convolution when the environment has `AVP_TRAIN_CONV=burn`.
+//! convolution when the environment has `AVP_TRAIN_CONV=burn`;
+//! `AVP_TRAIN_CONV=direct` keeps the batched products without Winograd,
+//! `AVP_WINOGRAD=f2` takes F(2x2, 3x3) instead of F(4x4).
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -38,6 +46,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
+
+mod winograd;
 
 /// The batched convolution as a backend operation (flex, with or without
 /// autodiff). Call it through [`conv2d`], which checks that it applies.
@@ -71,12 +81,32 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// Whether `AVP_TRAIN_CONV=burn` asks for Burn's convolutions in the
-/// trained stages (read once): for measuring this path against Burn's, or
-/// for ruling it out when a result looks wrong.
+/// `AVP_TRAIN_CONV` (read once): `burn` keeps Burn's convolutions in the
+/// trained stages, `direct` keeps this module's products but without
+/// Winograd; for measuring one path against another, or for ruling one
+/// out when a result looks wrong.
+fn requested() -> Option<&'static str> {
+    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| std::env::var("AVP_TRAIN_CONV").ok())
+        .as_deref()
+}
+
 fn burn_requested() -> bool {
-    static BURN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BURN.get_or_init(|| std::env::var("AVP_TRAIN_CONV").is_ok_and(|v| v == "burn"))
+    requested() == Some("burn")
+}
+
+/// The Winograd variant a convolution runs, if any: stride-1 3x3
+/// convolutions take F(4x4, 3x3), or F(2x2, 3x3) with `AVP_WINOGRAD=f2`
+/// (as on the fused inference path); `AVP_TRAIN_CONV=direct` turns it off.
+fn winograd_variant(g: &Geometry) -> Option<winograd::Variant> {
+    static F2_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if requested() == Some("direct") {
+        return None;
+    }
+    let f2 = *F2_ONLY
+        .get_or_init(|| std::env::var("AVP_WINOGRAD").is_ok_and(|v| v.eq_ignore_ascii_case("f2")));
+    winograd::variant(g).map(|v| if f2 { winograd::Variant::F2 } else { v })
 }
 
 /// The stride and padding when [`conv2d`] takes the batched path.
@@ -428,7 +458,10 @@ impl TrainConvOps for Flex {
         pad: [usize; 4],
     ) -> FlexTensor {
         let g = geometry(&x, &weight, stride, pad);
-        let out = forward_f32(&values(&x), &values(&weight), &g);
+        let out = match winograd_variant(&g) {
+            Some(v) => winograd::forward(&values(&x), &values(&weight), &g, v),
+            None => forward_f32(&values(&x), &values(&weight), &g),
+        };
         flex_tensor(out, [g.n, g.o, g.oh, g.ow])
     }
 }
@@ -446,6 +479,23 @@ impl Backward<Flex, 2> for ConvBackward {
         let grad = grads.consume::<Flex>(&ops.node);
         let (x, w, stride, pad) = ops.state;
         let g = geometry(&x, &w, stride, pad);
+        if let Some(variant) = winograd_variant(&g) {
+            let (gw, gx) = winograd::backward(
+                &values(&x),
+                &values(&w),
+                &values(&grad),
+                &g,
+                variant,
+                node_x.is_some(),
+            );
+            if let Some(node) = node_w {
+                grads.register::<Flex>(node.id, flex_tensor(gw, [g.o, g.c, g.kh, g.kw]));
+            }
+            if let (Some(node), Some(gx)) = (node_x, gx) {
+                grads.register::<Flex>(node.id, flex_tensor(gx, [g.n, g.c, g.h, g.w]));
+            }
+            return;
+        }
         let grad_t = swap_batch(&values(&grad), g.n, g.o, g.p(), true);
         if let Some(node) = node_w {
             let gw = weight_grad_f32(&values(&x), &grad_t, &g);

@@ -454,10 +454,20 @@ fn one_step_equals_pytorchs() {
     if cfg!(feature = "ndarray") {
         devices.push("ndarray");
     }
+    // 64x64 input (`layer4` at 2x2: the direct products) and 224x224
+    // (`layer4` at 7x7: Winograd on flex); `.ci/run` writes both.
+    let large = dir.join("224");
+    assert!(
+        large.is_dir(),
+        "{} is missing (make_reference.py --size 224)",
+        large.display()
+    );
     for name in devices {
         let device = parse_device(name).unwrap();
-        println!("{name}:");
-        one_recipe(&dir, &device, "adam", &adam, 1);
-        one_recipe(&dir, &device, "sgd", &sgd, 2);
+        for dir in [&dir, &large] {
+            println!("{name}, {}:", dir.display());
+            one_recipe(dir, &device, "adam", &adam, 1);
+            one_recipe(dir, &device, "sgd", &sgd, 2);
+        }
     }
 }

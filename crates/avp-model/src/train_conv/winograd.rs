@@ -1,0 +1,805 @@
+//! Winograd F(m x m, 3x3) for the trained stages' stride-1 3x3
+//! convolutions: the forward, the weight gradient and the input gradient
+//! each as α² matrix products (α = m + 2) instead of one product with 9
+//! multiply-adds per output pixel and channel pair.
+//!
+//! With `V = Bᵀ d B` (an α x α input patch transformed), `U = G g Gᵀ` (the
+//! 3x3 weights transformed) and `Y = Aᵀ (U ⊙ V) A` (an m x m output
+//! tile), the element-wise products over all channels become, for each
+//! position ξ of the patch, `M[ξ] [T, O] = V[ξ] [T, C] · U[ξ] [C, O]`
+//! (`T` tiles of the whole batch). The backward follows from the same
+//! identity by transposition, exactly (no approximation beyond float
+//! rounding): with `dM = A dY Aᵀ` (the output gradient of each tile
+//! mapped back through `Aᵀ · A`),
+//!
+//! - weight gradient: `dU[ξ] [C, O] = V[ξ]ᵀ · dM[ξ]`, then
+//!   `dg = Gᵀ dU G` for every channel pair;
+//! - input gradient: `dV[ξ] [T, C] = dM[ξ] · U[ξ]ᵀ`, then `dd = B dV Bᵀ`
+//!   added into the input gradient at each patch (patches overlap by two
+//!   pixels; padding positions are dropped).
+//!
+//! F(2x2) does 16 products per 2x2 tile (16/36 of the direct
+//! convolution's multiplications); F(4x4) 36 per 4x4 tile (1/4), with the
+//! same interpolation points as the fused inference path (0, 1, -1, ½,
+//! -2). Every transform runs in f32: the fused path applies `G` in f64,
+//! once at load, but here the weights change at every step, and f64 made
+//! a layer's forward and backward a quarter slower with no gain the tests
+//! below could see. Channels are the vector lanes (16 at a time, compiled
+//! for AVX2 and FMA where the processor has them); the maps move to NHWC
+//! for the transforms and back. A 7x7 map (`layer4` at 224x224) takes
+//! 2x2 tiles of F(4x4): 144 products per channel pair and image against
+//! the direct convolution's 441.
+
+use rayon::prelude::*;
+
+use super::{Geometry, Strides, product, rows};
+
+/// Channels handled together by the transforms.
+const LANES: usize = 16;
+
+type Lanes = [f32; LANES];
+
+/// Which algorithm a trained stride-1 3x3 convolution runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Variant {
+    /// F(2x2, 3x3): 4x4 patches, 16 products.
+    F2,
+    /// F(4x4, 3x3): 6x6 patches, 36 products.
+    F4,
+}
+
+/// The transposed matrix, at compile time.
+const fn transpose<const R: usize, const C: usize>(m: [[f64; C]; R]) -> [[f64; R]; C] {
+    let mut t = [[0.0; R]; C];
+    let mut i = 0;
+    while i < R {
+        let mut j = 0;
+        while j < C {
+            t[j][i] = m[i][j];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
+/// A variant's matrices: `Bᵀ` (α x α), `Aᵀ` (m x α), `G` (α x 3).
+trait Matrices<const A: usize, const M: usize> {
+    const BT: [[f64; A]; A];
+    const AT: [[f64; A]; M];
+    const G: [[f64; 3]; A];
+    const B: [[f64; A]; A] = transpose(Self::BT);
+    const A_: [[f64; M]; A] = transpose(Self::AT);
+    const GT: [[f64; A]; 3] = transpose(Self::G);
+}
+
+struct F2;
+struct F4;
+
+impl Matrices<4, 2> for F2 {
+    const BT: [[f64; 4]; 4] = [
+        [1.0, 0.0, -1.0, 0.0],
+        [0.0, 1.0, 1.0, 0.0],
+        [0.0, -1.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0, -1.0],
+    ];
+    const AT: [[f64; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+}
+
+impl Matrices<6, 4> for F4 {
+    const BT: [[f64; 6]; 6] = [
+        [1.0, -1.5, -2.0, 1.5, 1.0, 0.0],
+        [0.0, -1.0, 0.5, 2.5, 1.0, 0.0],
+        [0.0, 1.0, -2.5, 0.5, 1.0, 0.0],
+        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        [0.0, 0.5, -1.0, -0.5, 1.0, 0.0],
+        [0.0, 1.0, -1.5, -2.0, 1.5, 1.0],
+    ];
+    const AT: [[f64; 6]; 4] = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 0.5, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 0.25, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 0.125, -8.0, 1.0],
+    ];
+    const G: [[f64; 3]; 6] = [
+        [1.0, 0.0, 0.0],
+        [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
+        [-1.0 / 3.0, 1.0 / 3.0, -1.0 / 3.0],
+        [-16.0 / 15.0, -8.0 / 15.0, -4.0 / 15.0],
+        [1.0 / 15.0, -2.0 / 15.0, 4.0 / 15.0],
+        [0.0, 0.0, 1.0],
+    ];
+}
+
+/// `L X Rᵀ` for a `J x Q` block `X` of lanes: `out[i][p] = Σ_j Σ_q
+/// L[i][j] X[j][q] R[p][q]`, lane by lane (zero coefficients skipped).
+#[inline(always)]
+fn two_sided<const I: usize, const J: usize, const P: usize, const Q: usize>(
+    l: &[[f64; J]; I],
+    x: &[[Lanes; Q]; J],
+    r: &[[f64; Q]; P],
+) -> [[Lanes; P]; I] {
+    let mut tmp = [[[0f32; LANES]; Q]; I];
+    for (i, li) in l.iter().enumerate() {
+        for (j, &c) in li.iter().enumerate() {
+            if c == 0.0 {
+                continue;
+            }
+            let c = c as f32;
+            for q in 0..Q {
+                for lane in 0..LANES {
+                    tmp[i][q][lane] += c * x[j][q][lane];
+                }
+            }
+        }
+    }
+    let mut out = [[[0f32; LANES]; P]; I];
+    for i in 0..I {
+        for (p, rp) in r.iter().enumerate() {
+            for (q, &c) in rp.iter().enumerate() {
+                if c == 0.0 {
+                    continue;
+                }
+                let c = c as f32;
+                for lane in 0..LANES {
+                    out[i][p][lane] += c * tmp[i][q][lane];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The tiles of one convolution: `th x tw` per image, `m x m` output
+/// pixels each, read from `α x α` input patches.
+#[derive(Clone, Copy)]
+struct Tiles {
+    th: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    fn new(g: &Geometry, m: usize) -> Self {
+        Self {
+            th: g.oh.div_ceil(m),
+            tw: g.ow.div_ceil(m),
+        }
+    }
+
+    fn per_image(&self) -> usize {
+        self.th * self.tw
+    }
+}
+
+thread_local! {
+    /// Scratch buffers kept between calls: the transformed operands are
+    /// tens of MB, and fresh allocations that size come from `mmap` and
+    /// fault in every page again (a `perf` profile showed it).
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers the pool keeps at most (per thread).
+const POOL_MAX: usize = 8;
+
+/// A scratch buffer of `len` floats from [`POOL`], given back when
+/// dropped. Its contents are whatever the last user left: every user
+/// writes all of it before reading.
+struct Buf {
+    v: Vec<f32>,
+    len: usize,
+}
+
+fn scratch(len: usize) -> Buf {
+    let mut v = POOL
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            // The smallest buffer that holds `len`, else the largest.
+            let fit = (0..p.len())
+                .filter(|&i| p[i].len() >= len)
+                .min_by_key(|&i| p[i].len())
+                .or_else(|| (0..p.len()).max_by_key(|&i| p[i].len()));
+            fit.map(|i| p.swap_remove(i)).unwrap_or_default()
+        })
+        .unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    Buf { v, len }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v[..self.len]
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.v);
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(v);
+            }
+        });
+    }
+}
+
+/// NCHW `[n, c, hw]` to NHWC `[n, hw, c]`.
+fn to_nhwc(x: &[f32], n: usize, c: usize, hw: usize) -> Buf {
+    let mut out = scratch(n * c * hw);
+    out.par_chunks_mut(hw * c).enumerate().for_each(|(b, img)| {
+        let src = &x[b * c * hw..][..c * hw];
+        for (p, px) in img.chunks_mut(c).enumerate() {
+            for (ci, v) in px.iter_mut().enumerate() {
+                *v = src[ci * hw + p];
+            }
+        }
+    });
+    out
+}
+
+/// NHWC `[n, hw, c]` to NCHW `[n, c, hw]`.
+fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * c * hw];
+    out.par_chunks_mut(c * hw).enumerate().for_each(|(b, img)| {
+        let src = &x[b * hw * c..][..hw * c];
+        for (ci, plane) in img.chunks_mut(hw).enumerate() {
+            for (p, v) in plane.iter_mut().enumerate() {
+                *v = src[p * c + ci];
+            }
+        }
+    });
+    out
+}
+
+/// Whether the processor has AVX2 and FMA (read once).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FAST.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `f(i, chunk)` for the `i`-th `len`-long piece of `dst`, over rayon's
+/// threads. The transforms' lanes are 16 floats; compiled for the
+/// baseline x86-64 they run 4 at a time (SSE), so where the processor has
+/// AVX2 and FMA, `f` runs inlined into a function compiled for them.
+fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
+    let fast = avx2_fma();
+    dst.par_chunks_mut(len).enumerate().for_each(|(i, out)| {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            #[allow(unsafe_code)]
+            // SAFETY: `fast` is true only when the processor reports AVX2
+            // and FMA, the features `with_avx2_fma` is compiled for.
+            unsafe {
+                with_avx2_fma(&f, i, out);
+            }
+            return;
+        }
+        f(i, out);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn with_avx2_fma<F: Fn(usize, &mut [f32])>(f: &F, i: usize, out: &mut [f32]) {
+    f(i, out);
+}
+
+/// The lanes `lo .. lo + LANES` of a row (zero past its end).
+#[inline(always)]
+fn load(row: &[f32], lo: usize) -> Lanes {
+    let mut v = [0f32; LANES];
+    let k = row.len().saturating_sub(lo).min(LANES);
+    v[..k].copy_from_slice(&row[lo..lo + k]);
+    v
+}
+
+#[inline(always)]
+fn store(row: &mut [f32], lo: usize, v: &Lanes) {
+    let k = row.len().saturating_sub(lo).min(LANES);
+    row[lo..lo + k].copy_from_slice(&v[..k]);
+}
+
+/// The algorithm of one convolution, for one variant.
+struct Plan<'g, const A: usize, const M: usize, W: Matrices<A, M>> {
+    g: &'g Geometry,
+    tiles: Tiles,
+    _w: std::marker::PhantomData<fn() -> W>,
+}
+
+impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
+    fn new(g: &'g Geometry) -> Self {
+        Self {
+            g,
+            tiles: Tiles::new(g, M),
+            _w: std::marker::PhantomData,
+        }
+    }
+
+    fn t(&self) -> usize {
+        self.g.n * self.tiles.per_image()
+    }
+
+    /// Image, tile row and tile column of tile `t`.
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let per = self.tiles.per_image();
+        let (b, r) = (t / per, t % per);
+        (b, r / self.tiles.tw, r % self.tiles.tw)
+    }
+
+    /// The input pixel (row or column) of patch offset `k` in tile `t0`,
+    /// if inside the image.
+    fn input_at(t0: usize, k: usize, pad: usize, len: usize) -> Option<usize> {
+        (t0 * M + k).checked_sub(pad).filter(|&i| i < len)
+    }
+
+    /// `V [T, α², C]` of NHWC `x`: each tile's patch transformed.
+    fn input_transform(&self, x: &[f32]) -> Buf {
+        let g = self.g;
+        let c = g.c;
+        let mut v = scratch(self.t() * A * A * c);
+        par_chunks(
+            &mut v,
+            A * A * c,
+            #[inline(always)]
+            |t, out| {
+                let (b, ty, tx) = self.tile(t);
+                let img = &x[b * g.h * g.w * c..][..g.h * g.w * c];
+                for lo in (0..c).step_by(LANES) {
+                    let mut d = [[[0f32; LANES]; A]; A];
+                    for (i, drow) in d.iter_mut().enumerate() {
+                        let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
+                            continue;
+                        };
+                        for (j, dv) in drow.iter_mut().enumerate() {
+                            if let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) {
+                                *dv = load(&img[(iy * g.w + ix) * c..][..c], lo);
+                            }
+                        }
+                    }
+                    let tv = two_sided(&W::BT, &d, &W::BT);
+                    for (xi, lanes) in tv.iter().flatten().enumerate() {
+                        store(&mut out[xi * c..][..c], lo, lanes);
+                    }
+                }
+            },
+        );
+        v
+    }
+
+    /// `U [O, α², C]` of Burn's `[O, C, 3, 3]` weights, the
+    /// input channels as the lanes.
+    fn weight_transform(&self, w: &[f32]) -> Buf {
+        let (c, o) = (self.g.c, self.g.o);
+        let mut u = scratch(o * A * A * c);
+        par_chunks(
+            &mut u,
+            A * A * c,
+            #[inline(always)]
+            |oi, out| {
+                let taps = &w[oi * c * 9..][..c * 9];
+                for lo in (0..c).step_by(LANES) {
+                    let mut k = [[[0f32; LANES]; 3]; 3];
+                    for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
+                        for (tap, &v) in taps[ci * 9..][..9].iter().enumerate() {
+                            k[tap / 3][tap % 3][lane] = v;
+                        }
+                    }
+                    let tu = two_sided(&W::G, &k, &W::G);
+                    for (xi, lanes) in tu.iter().flatten().enumerate() {
+                        for (d, &v) in out[xi * c + lo..(xi + 1) * c].iter_mut().zip(lanes) {
+                            *d = v;
+                        }
+                    }
+                }
+            },
+        );
+        u
+    }
+
+    /// `Y = Aᵀ M A` of each tile, as NHWC `[N, OH·OW, O]`.
+    fn output_transform(&self, m: &[f32]) -> Buf {
+        let g = self.g;
+        let (o, per) = (g.o, self.tiles.per_image());
+        let mut y = scratch(g.n * g.p() * o);
+        par_chunks(
+            &mut y,
+            g.p() * o,
+            #[inline(always)]
+            |b, img| {
+                for r in 0..per {
+                    let t = b * per + r;
+                    let (_, ty, tx) = self.tile(t);
+                    let src = &m[t * A * A * o..][..A * A * o];
+                    for lo in (0..o).step_by(LANES) {
+                        let mut mm = [[[0f32; LANES]; A]; A];
+                        for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
+                            *lanes = load(&src[xi * o..][..o], lo);
+                        }
+                        let ty_ = two_sided(&W::AT, &mm, &W::AT);
+                        for (i, yrow) in ty_.iter().enumerate() {
+                            let oy = ty * M + i;
+                            if oy >= g.oh {
+                                break;
+                            }
+                            for (j, lanes) in yrow.iter().enumerate() {
+                                let ox = tx * M + j;
+                                if ox >= g.ow {
+                                    break;
+                                }
+                                store(&mut img[(oy * g.ow + ox) * o..][..o], lo, lanes);
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        y
+    }
+
+    /// `dM = A dY Aᵀ` of each tile from the NHWC output gradient, as
+    /// `[T, α², O]`.
+    fn output_adjoint(&self, gy: &[f32]) -> Buf {
+        let g = self.g;
+        let o = g.o;
+        let mut dm = scratch(self.t() * A * A * o);
+        par_chunks(
+            &mut dm,
+            A * A * o,
+            #[inline(always)]
+            |t, out| {
+                let (b, ty, tx) = self.tile(t);
+                let img = &gy[b * g.p() * o..][..g.p() * o];
+                for lo in (0..o).step_by(LANES) {
+                    let mut dy = [[[0f32; LANES]; M]; M];
+                    for (i, row) in dy.iter_mut().enumerate() {
+                        let oy = ty * M + i;
+                        if oy >= g.oh {
+                            break;
+                        }
+                        for (j, lanes) in row.iter_mut().enumerate() {
+                            let ox = tx * M + j;
+                            if ox >= g.ow {
+                                break;
+                            }
+                            *lanes = load(&img[(oy * g.ow + ox) * o..][..o], lo);
+                        }
+                    }
+                    let d = two_sided(&W::A_, &dy, &W::A_);
+                    for (xi, lanes) in d.iter().flatten().enumerate() {
+                        store(&mut out[xi * o..][..o], lo, lanes);
+                    }
+                }
+            },
+        );
+        dm
+    }
+
+    /// `dg = Gᵀ dU G` for every channel pair of `dU [O, α², C]`, as
+    /// Burn's `[O, C, 3, 3]`.
+    fn weight_adjoint(&self, du: &[f32]) -> Vec<f32> {
+        let (c, o) = (self.g.c, self.g.o);
+        let mut gw = vec![0f32; o * c * 9];
+        par_chunks(
+            &mut gw,
+            c * 9,
+            #[inline(always)]
+            |oi, out| {
+                let src = &du[oi * A * A * c..][..A * A * c];
+                for lo in (0..c).step_by(LANES) {
+                    let mut u = [[[0f32; LANES]; A]; A];
+                    for (xi, lanes) in u.iter_mut().flatten().enumerate() {
+                        for (d, &v) in lanes.iter_mut().zip(&src[xi * c + lo..(xi + 1) * c]) {
+                            *d = v;
+                        }
+                    }
+                    let k = two_sided(&W::GT, &u, &W::GT);
+                    for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
+                        for (tap, d) in out[ci * 9..][..9].iter_mut().enumerate() {
+                            *d = k[tap / 3][tap % 3][lane];
+                        }
+                    }
+                }
+            },
+        );
+        gw
+    }
+
+    /// `dd = B dV Bᵀ` of each tile added into the NHWC input gradient.
+    fn input_adjoint(&self, dv: &[f32]) -> Buf {
+        let g = self.g;
+        let (c, per) = (g.c, self.tiles.per_image());
+        // Patches overlap: the sums start from zero.
+        let mut gx = scratch(g.n * g.h * g.w * c);
+        gx.fill(0.0);
+        par_chunks(
+            &mut gx,
+            g.h * g.w * c,
+            #[inline(always)]
+            |b, img| {
+                for r in 0..per {
+                    let t = b * per + r;
+                    let (_, ty, tx) = self.tile(t);
+                    let src = &dv[t * A * A * c..][..A * A * c];
+                    for lo in (0..c).step_by(LANES) {
+                        let mut v = [[[0f32; LANES]; A]; A];
+                        for (xi, lanes) in v.iter_mut().flatten().enumerate() {
+                            *lanes = load(&src[xi * c..][..c], lo);
+                        }
+                        let dd = two_sided(&W::B, &v, &W::B);
+                        for (i, row) in dd.iter().enumerate() {
+                            let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
+                                continue;
+                            };
+                            for (j, lanes) in row.iter().enumerate() {
+                                let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) else {
+                                    continue;
+                                };
+                                let px = &mut img[(iy * g.w + ix) * c..][..c];
+                                let k = c.saturating_sub(lo).min(LANES);
+                                for (d, s) in px[lo..lo + k].iter_mut().zip(lanes) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        gx
+    }
+
+    /// α² products `dst[ξ] = lhs[ξ] · rhs[ξ]`, each operand interleaved
+    /// with the others at `stride` floats a row (`offset(ξ)` from the start).
+    #[allow(clippy::too_many_arguments)]
+    fn products(
+        (m, n, k): (usize, usize, usize),
+        dst: (&mut [f32], usize, usize),
+        lhs: (&[f32], Strides, usize),
+        rhs: (&[f32], Strides, usize),
+    ) {
+        let (dst, d_rs, d_step) = dst;
+        for xi in 0..A * A {
+            product(
+                (m, n, k),
+                (&mut dst[xi * d_step..], Strides { rs: d_rs, cs: 1 }),
+                (&lhs.0[xi * lhs.2..], lhs.1),
+                (&rhs.0[xi * rhs.2..], rhs.1),
+            );
+        }
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let g = self.g;
+        let (t, c, o) = (self.t(), g.c, g.o);
+        let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
+        let u = self.weight_transform(w);
+        let mut m = scratch(t * A * A * o);
+        // M[ξ] [T, O] = V[ξ] [T, C] · U[ξ] [C, O]
+        Self::products(
+            (t, o, c),
+            (&mut m, A * A * o, o),
+            (&v, rows(A * A * c), c),
+            (
+                &u,
+                Strides {
+                    rs: 1,
+                    cs: A * A * c,
+                },
+                c,
+            ),
+        );
+        to_nchw(&self.output_transform(&m), g.n, o, g.p())
+    }
+
+    /// The weight gradient and, when asked, the input gradient.
+    fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        gy: &[f32],
+        input_grad: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let g = self.g;
+        let (t, c, o) = (self.t(), g.c, g.o);
+        let dm = self.output_adjoint(&to_nhwc(gy, g.n, o, g.p()));
+        let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
+        let mut du = scratch(o * A * A * c);
+        // dU[ξ] [O, C] = dM[ξ]ᵀ [O, T] · V[ξ] [T, C]
+        Self::products(
+            (o, c, t),
+            (&mut du, A * A * c, c),
+            (
+                &dm,
+                Strides {
+                    rs: 1,
+                    cs: A * A * o,
+                },
+                o,
+            ),
+            (&v, rows(A * A * c), c),
+        );
+        let gw = self.weight_adjoint(&du);
+        let gx = input_grad.then(|| {
+            let u = self.weight_transform(w);
+            let mut dv = scratch(t * A * A * c);
+            // dV[ξ] [T, C] = dM[ξ] [T, O] · U[ξ]ᵀ [O, C]
+            Self::products(
+                (t, c, o),
+                (&mut dv, A * A * c, c),
+                (&dm, rows(A * A * o), o),
+                (&u, rows(A * A * c), c),
+            );
+            to_nchw(&self.input_adjoint(&dv), g.n, c, g.h * g.w)
+        });
+        (gw, gx)
+    }
+}
+
+/// Whether a convolution of this geometry runs as Winograd, and which:
+/// stride-1 3x3 convolutions whose output map holds at least one whole
+/// F(4x4) tile. Smaller maps gain little, and there a corner tap of the
+/// kernel reads one pixel an image, often zero after a ReLU in every image
+/// of the batch: the direct product then gives that weight an exact zero
+/// gradient (as PyTorch does), Winograd a rounding residue from the
+/// patch's other pixels, which Adam's first step, `g/(|g|+ε)`, turns into
+/// a full step (`avp-train`'s fine-tuning parity test at 64x64 input,
+/// `layer4` at 2x2, saw 4% of a layer's steps differ from PyTorch's).
+pub(super) fn variant(g: &Geometry) -> Option<Variant> {
+    let m = 4;
+    if g.kh != 3 || g.kw != 3 || g.stride != [1, 1] || g.oh < m || g.ow < m {
+        return None;
+    }
+    Some(Variant::F4)
+}
+
+/// The forward of a stride-1 3x3 convolution, NCHW.
+pub(super) fn forward(x: &[f32], w: &[f32], g: &Geometry, variant: Variant) -> Vec<f32> {
+    match variant {
+        Variant::F2 => Plan::<4, 2, F2>::new(g).forward(x, w),
+        Variant::F4 => Plan::<6, 4, F4>::new(g).forward(x, w),
+    }
+}
+
+/// The weight gradient (Burn's `[O, C, 3, 3]`) and, with `input_grad`,
+/// the NCHW input gradient of a stride-1 3x3 convolution, from the NCHW
+/// output gradient `gy`.
+pub(super) fn backward(
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    g: &Geometry,
+    variant: Variant,
+    input_grad: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    match variant {
+        Variant::F2 => Plan::<4, 2, F2>::new(g).backward(x, w, gy, input_grad),
+        Variant::F4 => Plan::<6, 4, F4>::new(g).backward(x, w, gy, input_grad),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::super::{forward_f32, input_grad_f32, swap_batch, weight_grad_f32};
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn worst(ours: &[f32], direct: &[f32]) -> f32 {
+        assert_eq!(ours.len(), direct.len());
+        let scale = direct.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        ours.iter()
+            .zip(direct)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
+    /// Winograd takes the stride-1 3x3 convolutions with at least a 4x4
+    /// output map, and nothing else.
+    #[test]
+    fn which_convolutions_take_winograd() {
+        let geometry = |size: usize, kernel: usize, stride: usize| {
+            let pad = kernel / 2;
+            Geometry::new(
+                [2, 8, size, size],
+                [8, 8, kernel, kernel],
+                [stride, stride],
+                [pad; 4],
+            )
+            .unwrap()
+        };
+        assert_eq!(variant(&geometry(7, 3, 1)), Some(Variant::F4));
+        assert_eq!(variant(&geometry(4, 3, 1)), Some(Variant::F4));
+        assert_eq!(variant(&geometry(56, 3, 1)), Some(Variant::F4));
+        assert_eq!(variant(&geometry(3, 3, 1)), None, "under one tile");
+        assert_eq!(variant(&geometry(2, 3, 1)), None, "layer4 at 64x64 input");
+        assert_eq!(variant(&geometry(14, 3, 2)), None, "stride 2");
+        assert_eq!(variant(&geometry(7, 1, 1)), None, "1x1");
+        assert_eq!(variant(&geometry(16, 7, 1)), None, "7x7 kernel");
+    }
+
+    /// Forward, weight and input gradients equal the direct batched
+    /// products (im2col) for both variants, on maps that tiles fit
+    /// exactly and that they overhang, channel counts that are not a
+    /// multiple of the lanes, and the padding ResNets use and none.
+    #[test]
+    fn winograd_equals_the_direct_products() {
+        // (batch, cin, cout, height, width, [top, left, bottom, right])
+        let cases = [
+            (3, 20, 17, 7, 7, [1, 1, 1, 1]),
+            (2, 16, 32, 8, 8, [1, 1, 1, 1]),
+            (2, 5, 3, 9, 6, [0, 0, 0, 0]),
+            (1, 33, 18, 2, 2, [1, 1, 1, 1]),
+            (2, 8, 8, 14, 14, [1, 1, 1, 1]),
+        ];
+        for variant in [Variant::F2, Variant::F4] {
+            let bar = match variant {
+                Variant::F2 => 2e-6,
+                Variant::F4 => 2e-5,
+            };
+            for (i, (n, c, o, h, w, pad)) in cases.into_iter().enumerate() {
+                let g = Geometry::new([n, c, h, w], [o, c, 3, 3], [1, 1], pad).unwrap();
+                let x = values(n * c * h * w, 1 + i as u64);
+                let wt = values(o * c * 9, 100 + i as u64);
+                let gy = values(n * o * g.p(), 200 + i as u64);
+                let what = format!("{variant:?}, case {i}");
+
+                let y = forward(&x, &wt, &g, variant);
+                let (gw, gx) = backward(&x, &wt, &gy, &g, variant, true);
+                let gy_t = swap_batch(&gy, n, o, g.p(), true);
+                let errors = [
+                    worst(&y, &forward_f32(&x, &wt, &g)),
+                    worst(&gw, &weight_grad_f32(&x, &gy_t, &g)),
+                    worst(&gx.unwrap(), &input_grad_f32(&wt, &gy_t, &g)),
+                ];
+                eprintln!("{what}: forward, weight and input gradients off by {errors:?}");
+                for (e, part) in
+                    errors
+                        .into_iter()
+                        .zip(["forward", "weight gradient", "input gradient"])
+                {
+                    assert!(e <= bar, "{what}: {part} off by {e} of its scale");
+                }
+
+                let (gw2, none) = backward(&x, &wt, &gy, &g, variant, false);
+                assert!(none.is_none());
+                assert_eq!(gw, gw2, "{what}: the weight gradient alone");
+            }
+        }
+    }
+}
