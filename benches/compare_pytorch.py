@@ -69,7 +69,10 @@ Rows (--rows, comma-separated; default: all but the EXTRA ones):
               With --burn-conv-side, each fine-tuning row also runs avp with
               AVP_TRAIN_CONV=burn (the trained stages' convolutions as Burn's
               flex modules, forward and backward), for the before/after of
-              avp's batched convolutions in the same run.
+              avp's batched convolutions in the same run; with
+              --direct-conv-side, with AVP_TRAIN_CONV=direct (the batched
+              products without Winograd), for Winograd's before/after. Each
+              such side starts without the prefix cache, as the first does.
 EXTRA rows (only on request):
   infer50-b8-wgpu
               avp at batch 8 on wgpu: time it on a machine with a GPU (here
@@ -269,6 +272,9 @@ def main():
     ap.add_argument("--burn-conv-side", action="store_true",
                     help="fine-tuning rows also run avp with AVP_TRAIN_CONV=burn (Burn's own convolutions "
                          "in the trained stages): the before/after of avp's batched convolutions, in one run")
+    ap.add_argument("--direct-conv-side", action="store_true",
+                    help="fine-tuning rows also run avp with AVP_TRAIN_CONV=direct (the trained stages' "
+                         "batched convolutions without Winograd): Winograd's before/after, in one run")
     ap.add_argument("--valid-reuse-sides", action="store_true",
                     help="lesson rows also run avp with --no-valid-reuse and PyTorch-native keeping the "
                          "frozen backbone's validation outputs (pytorch_lesson.py's default)")
@@ -438,11 +444,16 @@ def main():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 sides.append(training_side(f"avp ({args.device}), validation recomputed every epoch",
                                            burn_cmd + ["--no-valid-reuse"], burn_env, name, "avp-no-reuse", flops))
-            if trained and args.burn_conv_side:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                sides.append(training_side(f"avp ({args.device}), Burn's convolutions in the trained stages",
-                                           burn_cmd, dict(burn_env, AVP_TRAIN_CONV="burn"), name,
-                                           "avp-burn-conv", flops))
+            conv_sides = [("burn", "Burn's convolutions in the trained stages", args.burn_conv_side),
+                          ("direct", "the trained stages' convolutions without Winograd", args.direct_conv_side)]
+            for conv, label, wanted in conv_sides:
+                if not (trained and wanted):
+                    continue
+                for d in (cache_dir, run_dir):  # as fresh as the first side's run
+                    shutil.rmtree(d, ignore_errors=True)
+                sides.append(training_side(f"avp ({args.device}), {label}",
+                                           burn_cmd, dict(burn_env, AVP_TRAIN_CONV=conv), name,
+                                           f"avp-{conv}-conv", flops))
             engines = ["torch"] if (r50 or trained) else ["onnxruntime", "torch"]
             for engine in engines:
                 pj = os.path.join(args.work, f"{name}.pytorch-{engine}.json")
