@@ -24,9 +24,8 @@
 //! -2). Every transform runs in f32: the fused path applies `G` in f64,
 //! once at load, but here the weights change at every step, and f64 made
 //! a layer's forward and backward a quarter slower with no gain the tests
-//! below could see. Channels are the vector lanes (16 at a time, compiled
-//! for AVX2 and FMA where the processor has them); the maps move to NHWC
-//! for the transforms and back. A 7x7 map (`layer4` at 224x224) takes
+//! below could see. Channels are the vector lanes (16 at a time); the
+//! maps move to NHWC for the transforms and back. A 7x7 map (`layer4` at 224x224) takes
 //! 2x2 tiles of F(4x4): 144 products per channel pair and image against
 //! the direct convolution's 441.
 
@@ -266,44 +265,15 @@ fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     out
 }
 
-/// Whether the processor has AVX2 and FMA (read once).
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FAST.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `f(i, chunk)` for the `i`-th `len`-long piece of `dst`, over rayon's
-/// threads. The transforms' lanes are 16 floats; compiled for the
-/// baseline x86-64 they run 4 at a time (SSE), so where the processor has
-/// AVX2 and FMA, `f` runs inlined into a function compiled for them.
+/// threads. (Compiled for the baseline x86-64 the transforms run as SSE;
+/// running them inside a function compiled for AVX2 and FMA changed
+/// nothing measurable in a fine-tuning epoch, 26-27 s either way: they are
+/// passes over memory.)
 fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
-    let fast = avx2_fma();
-    dst.par_chunks_mut(len).enumerate().for_each(|(i, out)| {
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            #[allow(unsafe_code)]
-            // SAFETY: `fast` is true only when the processor reports AVX2
-            // and FMA, the features `with_avx2_fma` is compiled for.
-            unsafe {
-                with_avx2_fma(&f, i, out);
-            }
-            return;
-        }
-        f(i, out);
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn with_avx2_fma<F: Fn(usize, &mut [f32])>(f: &F, i: usize, out: &mut [f32]) {
-    f(i, out);
+    dst.par_chunks_mut(len)
+        .enumerate()
+        .for_each(|(i, out)| f(i, out));
 }
 
 /// The lanes `lo .. lo + LANES` of a row (zero past its end).
@@ -359,32 +329,27 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let g = self.g;
         let c = g.c;
         let mut v = scratch(self.t() * A * A * c);
-        par_chunks(
-            &mut v,
-            A * A * c,
-            #[inline(always)]
-            |t, out| {
-                let (b, ty, tx) = self.tile(t);
-                let img = &x[b * g.h * g.w * c..][..g.h * g.w * c];
-                for lo in (0..c).step_by(LANES) {
-                    let mut d = [[[0f32; LANES]; A]; A];
-                    for (i, drow) in d.iter_mut().enumerate() {
-                        let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
-                            continue;
-                        };
-                        for (j, dv) in drow.iter_mut().enumerate() {
-                            if let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) {
-                                *dv = load(&img[(iy * g.w + ix) * c..][..c], lo);
-                            }
+        par_chunks(&mut v, A * A * c, |t, out| {
+            let (b, ty, tx) = self.tile(t);
+            let img = &x[b * g.h * g.w * c..][..g.h * g.w * c];
+            for lo in (0..c).step_by(LANES) {
+                let mut d = [[[0f32; LANES]; A]; A];
+                for (i, drow) in d.iter_mut().enumerate() {
+                    let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
+                        continue;
+                    };
+                    for (j, dv) in drow.iter_mut().enumerate() {
+                        if let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) {
+                            *dv = load(&img[(iy * g.w + ix) * c..][..c], lo);
                         }
                     }
-                    let tv = two_sided(&W::BT, &d, &W::BT);
-                    for (xi, lanes) in tv.iter().flatten().enumerate() {
-                        store(&mut out[xi * c..][..c], lo, lanes);
-                    }
                 }
-            },
-        );
+                let tv = two_sided(&W::BT, &d, &W::BT);
+                for (xi, lanes) in tv.iter().flatten().enumerate() {
+                    store(&mut out[xi * c..][..c], lo, lanes);
+                }
+            }
+        });
         v
     }
 
@@ -393,28 +358,23 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
     fn weight_transform(&self, w: &[f32]) -> Buf {
         let (c, o) = (self.g.c, self.g.o);
         let mut u = scratch(o * A * A * c);
-        par_chunks(
-            &mut u,
-            A * A * c,
-            #[inline(always)]
-            |oi, out| {
-                let taps = &w[oi * c * 9..][..c * 9];
-                for lo in (0..c).step_by(LANES) {
-                    let mut k = [[[0f32; LANES]; 3]; 3];
-                    for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
-                        for (tap, &v) in taps[ci * 9..][..9].iter().enumerate() {
-                            k[tap / 3][tap % 3][lane] = v;
-                        }
-                    }
-                    let tu = two_sided(&W::G, &k, &W::G);
-                    for (xi, lanes) in tu.iter().flatten().enumerate() {
-                        for (d, &v) in out[xi * c + lo..(xi + 1) * c].iter_mut().zip(lanes) {
-                            *d = v;
-                        }
+        par_chunks(&mut u, A * A * c, |oi, out| {
+            let taps = &w[oi * c * 9..][..c * 9];
+            for lo in (0..c).step_by(LANES) {
+                let mut k = [[[0f32; LANES]; 3]; 3];
+                for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
+                    for (tap, &v) in taps[ci * 9..][..9].iter().enumerate() {
+                        k[tap / 3][tap % 3][lane] = v;
                     }
                 }
-            },
-        );
+                let tu = two_sided(&W::G, &k, &W::G);
+                for (xi, lanes) in tu.iter().flatten().enumerate() {
+                    for (d, &v) in out[xi * c + lo..(xi + 1) * c].iter_mut().zip(lanes) {
+                        *d = v;
+                    }
+                }
+            }
+        });
         u
     }
 
@@ -423,38 +383,33 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let g = self.g;
         let (o, per) = (g.o, self.tiles.per_image());
         let mut y = scratch(g.n * g.p() * o);
-        par_chunks(
-            &mut y,
-            g.p() * o,
-            #[inline(always)]
-            |b, img| {
-                for r in 0..per {
-                    let t = b * per + r;
-                    let (_, ty, tx) = self.tile(t);
-                    let src = &m[t * A * A * o..][..A * A * o];
-                    for lo in (0..o).step_by(LANES) {
-                        let mut mm = [[[0f32; LANES]; A]; A];
-                        for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
-                            *lanes = load(&src[xi * o..][..o], lo);
+        par_chunks(&mut y, g.p() * o, |b, img| {
+            for r in 0..per {
+                let t = b * per + r;
+                let (_, ty, tx) = self.tile(t);
+                let src = &m[t * A * A * o..][..A * A * o];
+                for lo in (0..o).step_by(LANES) {
+                    let mut mm = [[[0f32; LANES]; A]; A];
+                    for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
+                        *lanes = load(&src[xi * o..][..o], lo);
+                    }
+                    let ty_ = two_sided(&W::AT, &mm, &W::AT);
+                    for (i, yrow) in ty_.iter().enumerate() {
+                        let oy = ty * M + i;
+                        if oy >= g.oh {
+                            break;
                         }
-                        let ty_ = two_sided(&W::AT, &mm, &W::AT);
-                        for (i, yrow) in ty_.iter().enumerate() {
-                            let oy = ty * M + i;
-                            if oy >= g.oh {
+                        for (j, lanes) in yrow.iter().enumerate() {
+                            let ox = tx * M + j;
+                            if ox >= g.ow {
                                 break;
                             }
-                            for (j, lanes) in yrow.iter().enumerate() {
-                                let ox = tx * M + j;
-                                if ox >= g.ow {
-                                    break;
-                                }
-                                store(&mut img[(oy * g.ow + ox) * o..][..o], lo, lanes);
-                            }
+                            store(&mut img[(oy * g.ow + ox) * o..][..o], lo, lanes);
                         }
                     }
                 }
-            },
-        );
+            }
+        });
         y
     }
 
@@ -464,35 +419,30 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let g = self.g;
         let o = g.o;
         let mut dm = scratch(self.t() * A * A * o);
-        par_chunks(
-            &mut dm,
-            A * A * o,
-            #[inline(always)]
-            |t, out| {
-                let (b, ty, tx) = self.tile(t);
-                let img = &gy[b * g.p() * o..][..g.p() * o];
-                for lo in (0..o).step_by(LANES) {
-                    let mut dy = [[[0f32; LANES]; M]; M];
-                    for (i, row) in dy.iter_mut().enumerate() {
-                        let oy = ty * M + i;
-                        if oy >= g.oh {
+        par_chunks(&mut dm, A * A * o, |t, out| {
+            let (b, ty, tx) = self.tile(t);
+            let img = &gy[b * g.p() * o..][..g.p() * o];
+            for lo in (0..o).step_by(LANES) {
+                let mut dy = [[[0f32; LANES]; M]; M];
+                for (i, row) in dy.iter_mut().enumerate() {
+                    let oy = ty * M + i;
+                    if oy >= g.oh {
+                        break;
+                    }
+                    for (j, lanes) in row.iter_mut().enumerate() {
+                        let ox = tx * M + j;
+                        if ox >= g.ow {
                             break;
                         }
-                        for (j, lanes) in row.iter_mut().enumerate() {
-                            let ox = tx * M + j;
-                            if ox >= g.ow {
-                                break;
-                            }
-                            *lanes = load(&img[(oy * g.ow + ox) * o..][..o], lo);
-                        }
-                    }
-                    let d = two_sided(&W::A_, &dy, &W::A_);
-                    for (xi, lanes) in d.iter().flatten().enumerate() {
-                        store(&mut out[xi * o..][..o], lo, lanes);
+                        *lanes = load(&img[(oy * g.ow + ox) * o..][..o], lo);
                     }
                 }
-            },
-        );
+                let d = two_sided(&W::A_, &dy, &W::A_);
+                for (xi, lanes) in d.iter().flatten().enumerate() {
+                    store(&mut out[xi * o..][..o], lo, lanes);
+                }
+            }
+        });
         dm
     }
 
@@ -501,28 +451,23 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
     fn weight_adjoint(&self, du: &[f32]) -> Vec<f32> {
         let (c, o) = (self.g.c, self.g.o);
         let mut gw = vec![0f32; o * c * 9];
-        par_chunks(
-            &mut gw,
-            c * 9,
-            #[inline(always)]
-            |oi, out| {
-                let src = &du[oi * A * A * c..][..A * A * c];
-                for lo in (0..c).step_by(LANES) {
-                    let mut u = [[[0f32; LANES]; A]; A];
-                    for (xi, lanes) in u.iter_mut().flatten().enumerate() {
-                        for (d, &v) in lanes.iter_mut().zip(&src[xi * c + lo..(xi + 1) * c]) {
-                            *d = v;
-                        }
-                    }
-                    let k = two_sided(&W::GT, &u, &W::GT);
-                    for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
-                        for (tap, d) in out[ci * 9..][..9].iter_mut().enumerate() {
-                            *d = k[tap / 3][tap % 3][lane];
-                        }
+        par_chunks(&mut gw, c * 9, |oi, out| {
+            let src = &du[oi * A * A * c..][..A * A * c];
+            for lo in (0..c).step_by(LANES) {
+                let mut u = [[[0f32; LANES]; A]; A];
+                for (xi, lanes) in u.iter_mut().flatten().enumerate() {
+                    for (d, &v) in lanes.iter_mut().zip(&src[xi * c + lo..(xi + 1) * c]) {
+                        *d = v;
                     }
                 }
-            },
-        );
+                let k = two_sided(&W::GT, &u, &W::GT);
+                for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
+                    for (tap, d) in out[ci * 9..][..9].iter_mut().enumerate() {
+                        *d = k[tap / 3][tap % 3][lane];
+                    }
+                }
+            }
+        });
         gw
     }
 
@@ -533,40 +478,35 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         // Patches overlap: the sums start from zero.
         let mut gx = scratch(g.n * g.h * g.w * c);
         gx.fill(0.0);
-        par_chunks(
-            &mut gx,
-            g.h * g.w * c,
-            #[inline(always)]
-            |b, img| {
-                for r in 0..per {
-                    let t = b * per + r;
-                    let (_, ty, tx) = self.tile(t);
-                    let src = &dv[t * A * A * c..][..A * A * c];
-                    for lo in (0..c).step_by(LANES) {
-                        let mut v = [[[0f32; LANES]; A]; A];
-                        for (xi, lanes) in v.iter_mut().flatten().enumerate() {
-                            *lanes = load(&src[xi * c..][..c], lo);
-                        }
-                        let dd = two_sided(&W::B, &v, &W::B);
-                        for (i, row) in dd.iter().enumerate() {
-                            let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
+        par_chunks(&mut gx, g.h * g.w * c, |b, img| {
+            for r in 0..per {
+                let t = b * per + r;
+                let (_, ty, tx) = self.tile(t);
+                let src = &dv[t * A * A * c..][..A * A * c];
+                for lo in (0..c).step_by(LANES) {
+                    let mut v = [[[0f32; LANES]; A]; A];
+                    for (xi, lanes) in v.iter_mut().flatten().enumerate() {
+                        *lanes = load(&src[xi * c..][..c], lo);
+                    }
+                    let dd = two_sided(&W::B, &v, &W::B);
+                    for (i, row) in dd.iter().enumerate() {
+                        let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
+                            continue;
+                        };
+                        for (j, lanes) in row.iter().enumerate() {
+                            let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) else {
                                 continue;
                             };
-                            for (j, lanes) in row.iter().enumerate() {
-                                let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) else {
-                                    continue;
-                                };
-                                let px = &mut img[(iy * g.w + ix) * c..][..c];
-                                let k = c.saturating_sub(lo).min(LANES);
-                                for (d, s) in px[lo..lo + k].iter_mut().zip(lanes) {
-                                    *d += s;
-                                }
+                            let px = &mut img[(iy * g.w + ix) * c..][..c];
+                            let k = c.saturating_sub(lo).min(LANES);
+                            for (d, s) in px[lo..lo + k].iter_mut().zip(lanes) {
+                                *d += s;
                             }
                         }
                     }
                 }
-            },
-        );
+            }
+        });
         gx
     }
 
