@@ -59,6 +59,7 @@ pub mod resnet;
 #[cfg(feature = "flex")]
 pub mod train_conv;
 pub mod weights;
+mod winograd_lanes;
 
 pub use backbone::{Backbone, Kernels};
 pub use batchnorm::{BatchNormUse, fold_batchnorm};

@@ -30,9 +30,7 @@ use std::cell::RefCell;
 
 use super::buffers::Map;
 use super::conv::{Conv, gemm_strided};
-
-/// Lanes of the transforms' inner loops: one AVX-512 register of f32.
-const LANES: usize = 16;
+use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, at4, at6, bt4, bt6};
 
 /// Above this many (input, output) channel pairs a layer runs F(2x2, 3x3)
 /// rather than F(4x4, 3x3) ([`Variant::for_layer`]).
@@ -112,23 +110,9 @@ pub(super) struct Winograd {
 
 /// `G`: α rows of 3, for `U = G g Gᵀ`.
 fn g_matrix(variant: Variant) -> &'static [[f64; 3]] {
-    const F2: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
-    const F4: [[f64; 3]; 6] = [
-        [1.0, 0.0, 0.0],
-        [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
-        [-1.0 / 3.0, 1.0 / 3.0, -1.0 / 3.0],
-        [-16.0 / 15.0, -8.0 / 15.0, -4.0 / 15.0],
-        [1.0 / 15.0, -2.0 / 15.0, 4.0 / 15.0],
-        [0.0, 0.0, 1.0],
-    ];
     match variant {
-        Variant::F2 => &F2,
-        Variant::F4 => &F4,
+        Variant::F2 => &<F2 as Matrices<4, 2>>::G,
+        Variant::F4 => &<F4 as Matrices<6, 4>>::G,
     }
 }
 
@@ -159,64 +143,9 @@ pub(super) fn transform_weights(w: &[f32], cin: usize, cout: usize, variant: Var
     Winograd { variant, u }
 }
 
-type Lanes = [f32; LANES];
-
 /// A variant's `Bᵀ` (over an α-long column) and `Aᵀ` (α values to m).
 type Transforms<const A: usize, const M: usize> =
     (fn(&[Lanes; A]) -> [Lanes; A], fn(&[Lanes; A]) -> [Lanes; M]);
-
-/// `Bᵀ d` for F(2x2, 3x3), lane by lane.
-fn bt4(d: &[Lanes; 4]) -> [Lanes; 4] {
-    let mut o = [[0f32; LANES]; 4];
-    for l in 0..LANES {
-        let (d0, d1, d2, d3) = (d[0][l], d[1][l], d[2][l], d[3][l]);
-        o[0][l] = d0 - d2;
-        o[1][l] = d1 + d2;
-        o[2][l] = d2 - d1;
-        o[3][l] = d1 - d3;
-    }
-    o
-}
-
-/// `Bᵀ d` for F(4x4, 3x3) (points 0, 1, -1, ½, -2), lane by lane.
-fn bt6(d: &[Lanes; 6]) -> [Lanes; 6] {
-    let mut o = [[0f32; LANES]; 6];
-    for l in 0..LANES {
-        let (d0, d1, d2, d3, d4, d5) = (d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]);
-        o[0][l] = (d0 + d4) + 1.5 * (d3 - d1) - 2.0 * d2;
-        o[1][l] = (d4 - d1) + 0.5 * d2 + 2.5 * d3;
-        o[2][l] = (d4 + d1) - 2.5 * d2 + 0.5 * d3;
-        o[3][l] = (d4 - d2) + 2.0 * (d3 - d1);
-        o[4][l] = (d4 - d2) + 0.5 * (d1 - d3);
-        o[5][l] = (d5 + d1) + 1.5 * (d4 - d2) - 2.0 * d3;
-    }
-    o
-}
-
-/// `Aᵀ m` for F(2x2, 3x3), lane by lane.
-fn at4(m: &[Lanes; 4]) -> [Lanes; 2] {
-    let mut o = [[0f32; LANES]; 2];
-    for l in 0..LANES {
-        let (m0, m1, m2, m3) = (m[0][l], m[1][l], m[2][l], m[3][l]);
-        o[0][l] = m0 + m1 + m2;
-        o[1][l] = m1 - m2 - m3;
-    }
-    o
-}
-
-/// `Aᵀ m` for F(4x4, 3x3) (points 0, 1, -1, ½, -2), lane by lane.
-fn at6(m: &[Lanes; 6]) -> [Lanes; 4] {
-    let mut o = [[0f32; LANES]; 4];
-    for l in 0..LANES {
-        let (m0, m1, m2, m3, m4, m5) = (m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]);
-        let (s12, d12) = (m1 + m2, m1 - m2);
-        o[0][l] = m0 + s12 + m3 + m4;
-        o[1][l] = d12 + 0.5 * m3 - 2.0 * m4;
-        o[2][l] = s12 + 0.25 * m3 + 4.0 * m4;
-        o[3][l] = d12 + 0.125 * m3 - 8.0 * m4 + m5;
-    }
-    o
-}
 
 /// The tile geometry of one convolution over one input map.
 #[derive(Clone, Copy)]

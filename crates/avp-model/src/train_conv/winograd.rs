@@ -20,23 +20,20 @@
 //!
 //! F(2x2) does 16 products per 2x2 tile (16/36 of the direct
 //! convolution's multiplications); F(4x4) 36 per 4x4 tile (1/4), with the
-//! same interpolation points as the fused inference path (0, 1, -1, ½,
-//! -2). Every transform runs in f32: the fused path applies `G` in f64,
+//! fused inference path's matrices and transforms (`crate::winograd_lanes`,
+//! points 0, 1, -1, ½, -2). Every transform runs in f32: the fused path applies `G` in f64,
 //! once at load, but here the weights change at every step, and f64 made
 //! a layer's forward and backward a quarter slower with no gain the tests
 //! below could see. Channels are the vector lanes (16 at a time); the
-//! maps move to NHWC for the transforms and back. A 7x7 map (`layer4` at 224x224) takes
+//! maps move to NHWC for the transforms and back. A 7x7 map (`layer4` at
+//! 224x224) takes
 //! 2x2 tiles of F(4x4): 144 products per channel pair and image against
 //! the direct convolution's 441.
 
 use rayon::prelude::*;
 
 use super::{Geometry, Strides, product, rows};
-
-/// Channels handled together by the transforms.
-const LANES: usize = 16;
-
-type Lanes = [f32; LANES];
+use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, two_sided};
 
 /// Which algorithm a trained stride-1 3x3 convolution runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,114 +42,6 @@ pub(super) enum Variant {
     F2,
     /// F(4x4, 3x3): 6x6 patches, 36 products.
     F4,
-}
-
-/// The transposed matrix, at compile time.
-const fn transpose<const R: usize, const C: usize>(m: [[f64; C]; R]) -> [[f64; R]; C] {
-    let mut t = [[0.0; R]; C];
-    let mut i = 0;
-    while i < R {
-        let mut j = 0;
-        while j < C {
-            t[j][i] = m[i][j];
-            j += 1;
-        }
-        i += 1;
-    }
-    t
-}
-
-/// A variant's matrices: `Bᵀ` (α x α), `Aᵀ` (m x α), `G` (α x 3).
-trait Matrices<const A: usize, const M: usize> {
-    const BT: [[f64; A]; A];
-    const AT: [[f64; A]; M];
-    const G: [[f64; 3]; A];
-    const B: [[f64; A]; A] = transpose(Self::BT);
-    const A_: [[f64; M]; A] = transpose(Self::AT);
-    const GT: [[f64; A]; 3] = transpose(Self::G);
-}
-
-struct F2;
-struct F4;
-
-impl Matrices<4, 2> for F2 {
-    const BT: [[f64; 4]; 4] = [
-        [1.0, 0.0, -1.0, 0.0],
-        [0.0, 1.0, 1.0, 0.0],
-        [0.0, -1.0, 1.0, 0.0],
-        [0.0, 1.0, 0.0, -1.0],
-    ];
-    const AT: [[f64; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
-    const G: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
-}
-
-impl Matrices<6, 4> for F4 {
-    const BT: [[f64; 6]; 6] = [
-        [1.0, -1.5, -2.0, 1.5, 1.0, 0.0],
-        [0.0, -1.0, 0.5, 2.5, 1.0, 0.0],
-        [0.0, 1.0, -2.5, 0.5, 1.0, 0.0],
-        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-        [0.0, 0.5, -1.0, -0.5, 1.0, 0.0],
-        [0.0, 1.0, -1.5, -2.0, 1.5, 1.0],
-    ];
-    const AT: [[f64; 6]; 4] = [
-        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-        [0.0, 1.0, -1.0, 0.5, -2.0, 0.0],
-        [0.0, 1.0, 1.0, 0.25, 4.0, 0.0],
-        [0.0, 1.0, -1.0, 0.125, -8.0, 1.0],
-    ];
-    const G: [[f64; 3]; 6] = [
-        [1.0, 0.0, 0.0],
-        [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
-        [-1.0 / 3.0, 1.0 / 3.0, -1.0 / 3.0],
-        [-16.0 / 15.0, -8.0 / 15.0, -4.0 / 15.0],
-        [1.0 / 15.0, -2.0 / 15.0, 4.0 / 15.0],
-        [0.0, 0.0, 1.0],
-    ];
-}
-
-/// `L X Rᵀ` for a `J x Q` block `X` of lanes: `out[i][p] = Σ_j Σ_q
-/// L[i][j] X[j][q] R[p][q]`, lane by lane (zero coefficients skipped).
-#[inline(always)]
-fn two_sided<const I: usize, const J: usize, const P: usize, const Q: usize>(
-    l: &[[f64; J]; I],
-    x: &[[Lanes; Q]; J],
-    r: &[[f64; Q]; P],
-) -> [[Lanes; P]; I] {
-    let mut tmp = [[[0f32; LANES]; Q]; I];
-    for (i, li) in l.iter().enumerate() {
-        for (j, &c) in li.iter().enumerate() {
-            if c == 0.0 {
-                continue;
-            }
-            let c = c as f32;
-            for q in 0..Q {
-                for lane in 0..LANES {
-                    tmp[i][q][lane] += c * x[j][q][lane];
-                }
-            }
-        }
-    }
-    let mut out = [[[0f32; LANES]; P]; I];
-    for i in 0..I {
-        for (p, rp) in r.iter().enumerate() {
-            for (q, &c) in rp.iter().enumerate() {
-                if c == 0.0 {
-                    continue;
-                }
-                let c = c as f32;
-                for lane in 0..LANES {
-                    out[i][p][lane] += c * tmp[i][q][lane];
-                }
-            }
-        }
-    }
-    out
 }
 
 /// The tiles of one convolution: `th x tw` per image, `m x m` output
@@ -276,9 +165,14 @@ fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F
         .for_each(|(i, out)| f(i, out));
 }
 
-/// The lanes `lo .. lo + LANES` of a row (zero past its end).
+/// The lanes `lo .. lo + LANES` of a row (zero past its end). A whole
+/// lane group is one fixed-size copy: a copy of run-time length is a call
+/// to `memcpy`, which cost the weight transform a third of its time.
 #[inline(always)]
 fn load(row: &[f32], lo: usize) -> Lanes {
+    if let Some(Ok(v)) = row.get(lo..lo + LANES).map(<&Lanes>::try_from) {
+        return *v;
+    }
     let mut v = [0f32; LANES];
     let k = row.len().saturating_sub(lo).min(LANES);
     v[..k].copy_from_slice(&row[lo..lo + k]);
@@ -287,8 +181,27 @@ fn load(row: &[f32], lo: usize) -> Lanes {
 
 #[inline(always)]
 fn store(row: &mut [f32], lo: usize, v: &Lanes) {
+    if let Some(Ok(d)) = row.get_mut(lo..lo + LANES).map(<&mut Lanes>::try_from) {
+        *d = *v;
+        return;
+    }
     let k = row.len().saturating_sub(lo).min(LANES);
     row[lo..lo + k].copy_from_slice(&v[..k]);
+}
+
+/// Adds `v` into the lanes `lo .. lo + LANES` of a row (those inside it).
+#[inline(always)]
+fn add_into(row: &mut [f32], lo: usize, v: &Lanes) {
+    if let Some(Ok(d)) = row.get_mut(lo..lo + LANES).map(<&mut Lanes>::try_from) {
+        for (d, s) in d.iter_mut().zip(v) {
+            *d += s;
+        }
+        return;
+    }
+    let k = row.len().saturating_sub(lo).min(LANES);
+    for (d, s) in row[lo..lo + k].iter_mut().zip(v) {
+        *d += s;
+    }
 }
 
 /// The algorithm of one convolution, for one variant.
@@ -344,7 +257,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                         }
                     }
                 }
-                let tv = two_sided(&W::BT, &d, &W::BT);
+                let tv = two_sided(W::BT_X, &d, W::BT_X);
                 for (xi, lanes) in tv.iter().flatten().enumerate() {
                     store(&mut out[xi * c..][..c], lo, lanes);
                 }
@@ -359,19 +272,22 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let (c, o) = (self.g.c, self.g.o);
         let mut u = scratch(o * A * A * c);
         par_chunks(&mut u, A * A * c, |oi, out| {
-            let taps = &w[oi * c * 9..][..c * 9];
-            for lo in (0..c).step_by(LANES) {
-                let mut k = [[[0f32; LANES]; 3]; 3];
-                for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
-                    for (tap, &v) in taps[ci * 9..][..9].iter().enumerate() {
-                        k[tap / 3][tap % 3][lane] = v;
-                    }
+            // The taps by tap, `[9][C]`: a lane group of one tap is then
+            // one load (gathering it lane by lane from `[C][9]` stalled on
+            // store forwarding).
+            let mut by_tap = vec![0f32; 9 * c];
+            for (ci, taps) in w[oi * c * 9..][..c * 9].chunks_exact(9).enumerate() {
+                for (tap, &v) in taps.iter().enumerate() {
+                    by_tap[tap * c + ci] = v;
                 }
-                let tu = two_sided(&W::G, &k, &W::G);
+            }
+            for lo in (0..c).step_by(LANES) {
+                let k: [[Lanes; 3]; 3] = std::array::from_fn(|i| {
+                    std::array::from_fn(|j| load(&by_tap[(3 * i + j) * c..][..c], lo))
+                });
+                let tu = two_sided(W::G_X, &k, W::G_X);
                 for (xi, lanes) in tu.iter().flatten().enumerate() {
-                    for (d, &v) in out[xi * c + lo..(xi + 1) * c].iter_mut().zip(lanes) {
-                        *d = v;
-                    }
+                    store(&mut out[xi * c..][..c], lo, lanes);
                 }
             }
         });
@@ -393,7 +309,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                     for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
                         *lanes = load(&src[xi * o..][..o], lo);
                     }
-                    let ty_ = two_sided(&W::AT, &mm, &W::AT);
+                    let ty_ = two_sided(W::AT_X, &mm, W::AT_X);
                     for (i, yrow) in ty_.iter().enumerate() {
                         let oy = ty * M + i;
                         if oy >= g.oh {
@@ -437,7 +353,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                         *lanes = load(&img[(oy * g.ow + ox) * o..][..o], lo);
                     }
                 }
-                let d = two_sided(&W::A_, &dy, &W::A_);
+                let d = two_sided(W::A_X, &dy, W::A_X);
                 for (xi, lanes) in d.iter().flatten().enumerate() {
                     store(&mut out[xi * o..][..o], lo, lanes);
                 }
@@ -453,18 +369,22 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let mut gw = vec![0f32; o * c * 9];
         par_chunks(&mut gw, c * 9, |oi, out| {
             let src = &du[oi * A * A * c..][..A * A * c];
+            // `[9][C]` first, stored a lane group at a time, then Burn's
+            // `[C][9]`.
+            let mut by_tap = vec![0f32; 9 * c];
             for lo in (0..c).step_by(LANES) {
                 let mut u = [[[0f32; LANES]; A]; A];
                 for (xi, lanes) in u.iter_mut().flatten().enumerate() {
-                    for (d, &v) in lanes.iter_mut().zip(&src[xi * c + lo..(xi + 1) * c]) {
-                        *d = v;
-                    }
+                    *lanes = load(&src[xi * c..][..c], lo);
                 }
-                let k = two_sided(&W::GT, &u, &W::GT);
-                for (lane, ci) in (lo..(lo + LANES).min(c)).enumerate() {
-                    for (tap, d) in out[ci * 9..][..9].iter_mut().enumerate() {
-                        *d = k[tap / 3][tap % 3][lane];
-                    }
+                let k = two_sided(W::GT_X, &u, W::GT_X);
+                for (tap, lanes) in k.iter().flatten().enumerate() {
+                    store(&mut by_tap[tap * c..][..c], lo, lanes);
+                }
+            }
+            for (ci, taps) in out.chunks_exact_mut(9).enumerate() {
+                for (tap, d) in taps.iter_mut().enumerate() {
+                    *d = by_tap[tap * c + ci];
                 }
             }
         });
@@ -488,7 +408,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                     for (xi, lanes) in v.iter_mut().flatten().enumerate() {
                         *lanes = load(&src[xi * c..][..c], lo);
                     }
-                    let dd = two_sided(&W::B, &v, &W::B);
+                    let dd = two_sided(W::B_X, &v, W::B_X);
                     for (i, row) in dd.iter().enumerate() {
                         let Some(iy) = Self::input_at(ty, i, g.pad[0], g.h) else {
                             continue;
@@ -497,11 +417,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                             let Some(ix) = Self::input_at(tx, j, g.pad[1], g.w) else {
                                 continue;
                             };
-                            let px = &mut img[(iy * g.w + ix) * c..][..c];
-                            let k = c.saturating_sub(lo).min(LANES);
-                            for (d, s) in px[lo..lo + k].iter_mut().zip(lanes) {
-                                *d += s;
-                            }
+                            add_into(&mut img[(iy * g.w + ix) * c..][..c], lo, lanes);
                         }
                     }
                 }
