@@ -113,11 +113,34 @@ fn serve(routes: HashMap<&'static str, Reply>) -> Server {
     Server { base, hits, stop }
 }
 
-fn scratch(tag: &str) -> PathBuf {
+/// A fresh folder under the temporary directory, removed again when the
+/// test that made it ends (passing or not).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let p = std::env::temp_dir().join(format!("avp-dl-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
-    p
+    Scratch(p)
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
