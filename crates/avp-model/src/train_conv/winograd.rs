@@ -20,14 +20,14 @@
 //!
 //! F(2x2) does 16 products per 2x2 tile (16/36 of the direct
 //! convolution's multiplications); F(4x4) 36 per 4x4 tile (1/4), with the
-//! fused inference path's matrices and transforms (`crate::winograd_lanes`,
-//! points 0, 1, -1, ½, -2). Every transform runs in f32: the fused path applies `G` in f64,
-//! once at load, but here the weights change at every step, and f64 made
-//! a layer's forward and backward a quarter slower with no gain the tests
-//! below could see. Channels are the vector lanes (16 at a time); the
-//! maps move to NHWC for the transforms and back. A 7x7 map (`layer4` at
-//! 224x224) takes
-//! 2x2 tiles of F(4x4): 144 products per channel pair and image against
+//! fused inference path's matrices and transforms
+//! (`crate::winograd_lanes`, points 0, 1, -1, ½, -2). Every transform runs
+//! in f32: the fused path applies `G` in f64, once at load, but here the
+//! weights change at every step, and f64 made a layer's forward and
+//! backward a quarter slower with no gain the tests below could see.
+//! Channels are the vector lanes (16 at a time); the maps move to NHWC for
+//! the transforms and back. A 7x7 map (`layer4` at 224x224) takes 2x2
+//! tiles of F(4x4): 144 products per channel pair and image against
 //! the direct convolution's 441.
 
 use rayon::prelude::*;
@@ -155,10 +155,10 @@ fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
 }
 
 /// `f(i, chunk)` for the `i`-th `len`-long piece of `dst`, over rayon's
-/// threads. (Compiled for the baseline x86-64 the transforms run as SSE;
+/// threads. (Compiled for the baseline x86-64, the transforms run as SSE;
 /// running them inside a function compiled for AVX2 and FMA changed
-/// nothing measurable in a fine-tuning epoch, 26-27 s either way: they are
-/// passes over memory.)
+/// nothing measurable in a fine-tuning epoch, 26-27 s either way, before
+/// they were written out term by term.)
 fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
     dst.par_chunks_mut(len)
         .enumerate()
@@ -273,8 +273,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let mut u = scratch(o * A * A * c);
         par_chunks(&mut u, A * A * c, |oi, out| {
             // The taps by tap, `[9][C]`: a lane group of one tap is then
-            // one load (gathering it lane by lane from `[C][9]` stalled on
-            // store forwarding).
+            // one load.
             let mut by_tap = vec![0f32; 9 * c];
             for (ci, taps) in w[oi * c * 9..][..c * 9].chunks_exact(9).enumerate() {
                 for (tap, &v) in taps.iter().enumerate() {
