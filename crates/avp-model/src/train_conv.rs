@@ -372,6 +372,80 @@ fn product(
     }
 }
 
+/// `count` products `dst[i] = lhs[i] · rhs[i]` (`[m, k] · [k, n]`), the
+/// `i`-th operand of each `step` floats after the one before, spread over
+/// rayon's threads a product each, every product on one thread.
+///
+/// The Winograd products (36 of `[128, 512] · [512, 512]` for a `layer4`
+/// convolution at batch 32) are too small to split: over both threads
+/// each, `gemm` spent its time handing work over (waking, waiting) and the
+/// products ran at 30% of the machine's peak.
+///
+/// The outputs interleave (`dst[i]` starts `i · dst_step` floats in, its
+/// rows `rs` apart): they must not overlap, which holds when
+/// `n ≤ dst_step` and `count · dst_step ≤ rs`, asserted below.
+#[allow(unsafe_code)]
+fn interleaved_products(
+    count: usize,
+    (m, n, k): (usize, usize, usize),
+    (dst, d_rs, d_step): (&mut [f32], usize, usize),
+    (lhs, ls, l_step): (&[f32], Strides, usize),
+    (rhs, rs, r_step): (&[f32], Strides, usize),
+) {
+    use rayon::prelude::*;
+    if count == 0 || m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.rs + (cols - 1) * s.cs;
+    let ds = Strides { rs: d_rs, cs: 1 };
+    // Disjoint outputs: each product owns columns `i·step .. i·step + n`
+    // of every row, and all of them fit in one row.
+    assert!(n <= d_step && (count - 1) * d_step + n <= d_rs);
+    assert!((count - 1) * d_step + last(m, n, ds) < dst.len());
+    if k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    assert!((count - 1) * l_step + last(m, k, ls) < lhs.len());
+    assert!((count - 1) * r_step + last(k, n, rs) < rhs.len());
+    // The address crosses threads as an integer: a raw pointer is not
+    // `Send`.
+    let dst_at = dst.as_mut_ptr() as usize;
+    (0..count).into_par_iter().for_each(|i| {
+        // SAFETY: the assertions above keep every element the `i`-th
+        // product reads inside `lhs` and `rhs`, and every element it
+        // writes inside `dst`, which is borrowed mutably for the whole
+        // call (so it aliases neither operand). Products write disjoint
+        // elements of `dst` (distinct column ranges of each row, the rows
+        // `d_rs` apart): no two threads write the same float, and nothing
+        // reads `dst` (`read_dst` is false).
+        unsafe {
+            let out = (dst_at as *mut f32).add(i * d_step);
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out,
+                ds.cs as isize,
+                ds.rs as isize,
+                false,
+                lhs.as_ptr().add(i * l_step),
+                ls.cs as isize,
+                ls.rs as isize,
+                rhs.as_ptr().add(i * r_step),
+                rs.cs as isize,
+                rs.rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}
+
 /// Row-major strides of a `[_, cols]` matrix.
 fn rows(cols: usize) -> Strides {
     Strides { rs: cols, cs: 1 }
@@ -457,12 +531,39 @@ impl TrainConvOps for Flex {
         stride: [usize; 2],
         pad: [usize; 4],
     ) -> FlexTensor {
-        let g = geometry(&x, &weight, stride, pad);
-        let out = match winograd_variant(&g) {
-            Some(v) => winograd::forward(&values(&x), &values(&weight), &g, v),
-            None => forward_f32(&values(&x), &values(&weight), &g),
-        };
-        flex_tensor(out, [g.n, g.o, g.oh, g.ow])
+        flex_forward(&x, &weight, stride, pad, false).0
+    }
+}
+
+/// The forward on flex, and with `keep` (a tracked forward) the Winograd
+/// operands its backward reuses.
+fn flex_forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: [usize; 2],
+    pad: [usize; 4],
+    keep: bool,
+) -> (FlexTensor, Option<winograd::Kept>) {
+    let g = geometry(x, weight, stride, pad);
+    let (out, kept) = match winograd_variant(&g) {
+        Some(v) => winograd::forward(&values(x), &values(weight), &g, v, keep),
+        None => (forward_f32(&values(x), &values(weight), &g), None),
+    };
+    (flex_tensor(out, [g.n, g.o, g.oh, g.ow]), kept)
+}
+
+/// A tracked forward's [`winograd::Kept`] operands, taken (and their
+/// buffers given back to the pool) by the one backward that uses them.
+#[derive(Clone, Debug, Default)]
+struct KeptCell(std::sync::Arc<std::sync::Mutex<Option<winograd::Kept>>>);
+
+impl KeptCell {
+    fn new(kept: Option<winograd::Kept>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(kept)))
+    }
+
+    fn take(&self) -> Option<winograd::Kept> {
+        self.0.lock().ok().and_then(|mut k| k.take())
     }
 }
 
@@ -471,13 +572,14 @@ impl TrainConvOps for Flex {
 struct ConvBackward;
 
 impl Backward<Flex, 2> for ConvBackward {
-    /// The input, the weights, stride and padding.
-    type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 4]);
+    /// The input, the weights, stride and padding, and what the forward
+    /// kept.
+    type State = (FlexTensor, FlexTensor, [usize; 2], [usize; 4], KeptCell);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (x, w, stride, pad) = ops.state;
+        let (x, w, stride, pad, kept) = ops.state;
         let g = geometry(&x, &w, stride, pad);
         if let Some(variant) = winograd_variant(&g) {
             let (gw, gx) = winograd::backward(
@@ -487,6 +589,7 @@ impl Backward<Flex, 2> for ConvBackward {
                 &g,
                 variant,
                 node_x.is_some(),
+                kept.take(),
             );
             if let Some(node) = node_w {
                 grads.register::<Flex>(node.id, flex_tensor(gw, [g.o, g.c, g.kh, g.kw]));
@@ -522,8 +625,8 @@ impl<C: CheckpointStrategy> TrainConvOps for Autodiff<Flex, C> {
         let (x, w) = (x.into_primitive(), weight.into_primitive());
         match prep {
             OpsKind::Tracked(prep) => {
-                let out = <Flex as TrainConvOps>::avp_conv2d(x.clone(), w.clone(), stride, pad);
-                prep.finish((x, w, stride, pad), out)
+                let (out, kept) = flex_forward(&x, &w, stride, pad, true);
+                prep.finish((x, w, stride, pad, KeptCell::new(kept)), out)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(<Flex as TrainConvOps>::avp_conv2d(x, w, stride, pad))

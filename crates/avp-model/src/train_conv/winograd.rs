@@ -32,7 +32,7 @@
 
 use rayon::prelude::*;
 
-use super::{Geometry, Strides, product, rows};
+use super::{Geometry, Strides, interleaved_products, rows};
 use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, two_sided};
 
 /// Which algorithm a trained stride-1 3x3 convolution runs.
@@ -72,8 +72,10 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Buffers the pool keeps at most (per thread).
-const POOL_MAX: usize = 8;
+/// Buffers the pool keeps at most (per thread): the working buffers of one
+/// call, and the transformed operands each trained convolution keeps from
+/// its forward for its backward ([`Kept`]).
+const POOL_MAX: usize = 16;
 
 /// A scratch buffer of `len` floats from [`POOL`], given back when
 /// dropped. Its contents are whatever the last user left: every user
@@ -123,6 +125,26 @@ impl Drop for Buf {
                 p.push(v);
             }
         });
+    }
+}
+
+/// What a tracked forward keeps for its backward: the transformed input
+/// `V` and weights `U`, which the backward would otherwise compute again
+/// from the same input and weights (a `layer4` convolution's `U` is
+/// 38 MB at F(4x4), its `V` 9 MB at batch 32).
+pub(super) struct Kept {
+    variant: Variant,
+    v: Buf,
+    u: Buf,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("variant", &self.variant)
+            .field("v", &self.v.len)
+            .field("u", &self.u.len)
+            .finish()
     }
 }
 
@@ -426,26 +448,20 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
     }
 
     /// α² products `dst[ξ] = lhs[ξ] · rhs[ξ]`, each operand interleaved
-    /// with the others at `stride` floats a row (`offset(ξ)` from the start).
-    #[allow(clippy::too_many_arguments)]
+    /// with the others (`dst`: row stride, then the offset from one ξ to
+    /// the next; operands: strides, then that offset), a product a thread
+    /// at a time ([`interleaved_products`]).
     fn products(
         (m, n, k): (usize, usize, usize),
         dst: (&mut [f32], usize, usize),
         lhs: (&[f32], Strides, usize),
         rhs: (&[f32], Strides, usize),
     ) {
-        let (dst, d_rs, d_step) = dst;
-        for xi in 0..A * A {
-            product(
-                (m, n, k),
-                (&mut dst[xi * d_step..], Strides { rs: d_rs, cs: 1 }),
-                (&lhs.0[xi * lhs.2..], lhs.1),
-                (&rhs.0[xi * rhs.2..], rhs.1),
-            );
-        }
+        interleaved_products(A * A, (m, n, k), dst, lhs, rhs);
     }
 
-    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+    /// The NCHW output, and `V` and `U` when `keep`.
+    fn forward(&self, x: &[f32], w: &[f32], keep: bool) -> (Vec<f32>, Option<(Buf, Buf)>) {
         let g = self.g;
         let (t, c, o) = (self.t(), g.c, g.o);
         let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
@@ -465,21 +481,29 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
                 c,
             ),
         );
-        to_nchw(&self.output_transform(&m), g.n, o, g.p())
+        let y = to_nchw(&self.output_transform(&m), g.n, o, g.p());
+        (y, keep.then_some((v, u)))
     }
 
-    /// The weight gradient and, when asked, the input gradient.
+    /// The weight gradient and, when asked, the input gradient; `V` and
+    /// `U` from `kept` when the forward kept them (and their sizes fit
+    /// this geometry), else computed again.
     fn backward(
         &self,
         x: &[f32],
         w: &[f32],
         gy: &[f32],
         input_grad: bool,
+        kept: Option<(Buf, Buf)>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let g = self.g;
         let (t, c, o) = (self.t(), g.c, g.o);
         let dm = self.output_adjoint(&to_nhwc(gy, g.n, o, g.p()));
-        let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
+        let (kept_v, kept_u) = match kept {
+            Some((v, u)) if v.len == t * A * A * c && u.len == o * A * A * c => (Some(v), Some(u)),
+            _ => (None, None),
+        };
+        let v = kept_v.unwrap_or_else(|| self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w)));
         let mut du = scratch(o * A * A * c);
         // dU[ξ] [O, C] = dM[ξ]ᵀ [O, T] · V[ξ] [T, C]
         Self::products(
@@ -497,7 +521,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         );
         let gw = self.weight_adjoint(&du);
         let gx = input_grad.then(|| {
-            let u = self.weight_transform(w);
+            let u = kept_u.unwrap_or_else(|| self.weight_transform(w));
             let mut dv = scratch(t * A * A * c);
             // dV[ξ] [T, C] = dM[ξ] [T, O] · U[ξ]ᵀ [O, C]
             Self::products(
@@ -529,17 +553,26 @@ pub(super) fn variant(g: &Geometry) -> Option<Variant> {
     Some(Variant::F4)
 }
 
-/// The forward of a stride-1 3x3 convolution, NCHW.
-pub(super) fn forward(x: &[f32], w: &[f32], g: &Geometry, variant: Variant) -> Vec<f32> {
-    match variant {
-        Variant::F2 => Plan::<4, 2, F2>::new(g).forward(x, w),
-        Variant::F4 => Plan::<6, 4, F4>::new(g).forward(x, w),
-    }
+/// The forward of a stride-1 3x3 convolution, NCHW, and with `keep` the
+/// transformed operands for [`backward`].
+pub(super) fn forward(
+    x: &[f32],
+    w: &[f32],
+    g: &Geometry,
+    variant: Variant,
+    keep: bool,
+) -> (Vec<f32>, Option<Kept>) {
+    let (y, kept) = match variant {
+        Variant::F2 => Plan::<4, 2, F2>::new(g).forward(x, w, keep),
+        Variant::F4 => Plan::<6, 4, F4>::new(g).forward(x, w, keep),
+    };
+    (y, kept.map(|(v, u)| Kept { variant, v, u }))
 }
 
 /// The weight gradient (Burn's `[O, C, 3, 3]`) and, with `input_grad`,
 /// the NCHW input gradient of a stride-1 3x3 convolution, from the NCHW
-/// output gradient `gy`.
+/// output gradient `gy`; with the forward's [`Kept`] operands when it
+/// kept them for the same variant.
 pub(super) fn backward(
     x: &[f32],
     w: &[f32],
@@ -547,10 +580,12 @@ pub(super) fn backward(
     g: &Geometry,
     variant: Variant,
     input_grad: bool,
+    kept: Option<Kept>,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
+    let kept = kept.filter(|k| k.variant == variant).map(|k| (k.v, k.u));
     match variant {
-        Variant::F2 => Plan::<4, 2, F2>::new(g).backward(x, w, gy, input_grad),
-        Variant::F4 => Plan::<6, 4, F4>::new(g).backward(x, w, gy, input_grad),
+        Variant::F2 => Plan::<4, 2, F2>::new(g).backward(x, w, gy, input_grad, kept),
+        Variant::F4 => Plan::<6, 4, F4>::new(g).backward(x, w, gy, input_grad, kept),
     }
 }
 
@@ -634,13 +669,14 @@ mod tests {
                 let gy = values(n * o * g.p(), 200 + i as u64);
                 let what = format!("{variant:?}, case {i}");
 
-                let y = forward(&x, &wt, &g, variant);
-                let (gw, gx) = backward(&x, &wt, &gy, &g, variant, true);
+                let (y, none) = forward(&x, &wt, &g, variant, false);
+                assert!(none.is_none(), "{what}: kept operands nobody asked for");
+                let (gw, gx) = backward(&x, &wt, &gy, &g, variant, true, None);
                 let gy_t = swap_batch(&gy, n, o, g.p(), true);
                 let errors = [
                     worst(&y, &forward_f32(&x, &wt, &g)),
                     worst(&gw, &weight_grad_f32(&x, &gy_t, &g)),
-                    worst(&gx.unwrap(), &input_grad_f32(&wt, &gy_t, &g)),
+                    worst(gx.as_deref().unwrap(), &input_grad_f32(&wt, &gy_t, &g)),
                 ];
                 eprintln!("{what}: forward, weight and input gradients off by {errors:?}");
                 for (e, part) in
@@ -651,9 +687,17 @@ mod tests {
                     assert!(e <= bar, "{what}: {part} off by {e} of its scale");
                 }
 
-                let (gw2, none) = backward(&x, &wt, &gy, &g, variant, false);
+                let (gw2, none) = backward(&x, &wt, &gy, &g, variant, false, None);
                 assert!(none.is_none());
                 assert_eq!(gw, gw2, "{what}: the weight gradient alone");
+
+                // The forward's kept `V` and `U` give the same backward.
+                let (y3, kept) = forward(&x, &wt, &g, variant, true);
+                assert_eq!(y, y3, "{what}: the forward that keeps its operands");
+                assert!(kept.is_some(), "{what}: nothing kept");
+                let (gw3, gx3) = backward(&x, &wt, &gy, &g, variant, true, kept);
+                assert_eq!(gw, gw3, "{what}: the weight gradient from kept operands");
+                assert_eq!(gx, gx3, "{what}: the input gradient from kept operands");
             }
         }
     }
