@@ -324,57 +324,21 @@ struct Strides {
     cs: usize,
 }
 
-/// `dst [m, n] = lhs [m, k] · rhs [k, n]` with any strides, over rayon's
-/// threads.
-#[allow(unsafe_code)]
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (`dst` row-major, the operands
+/// with any strides), split over rayon's threads by `gemm`.
 fn product(
     (m, n, k): (usize, usize, usize),
-    (dst, ds): (&mut [f32], Strides),
+    dst: &mut [f32],
     (lhs, ls): (&[f32], Strides),
     (rhs, rs): (&[f32], Strides),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.rs + (cols - 1) * s.cs;
-    assert!(last(m, n, ds) < dst.len());
-    if k == 0 {
-        dst.fill(0.0);
-        return;
-    }
-    assert!(last(m, k, ls) < lhs.len() && last(k, n, rs) < rhs.len());
-    // SAFETY: the assertions above keep every element `gemm` reads or
-    // writes inside the three slices (the largest offset of each operand is
-    // below its length); `dst` is borrowed mutably, so it aliases neither
-    // operand; `read_dst` is false, so `dst`'s old values are not read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            ds.cs as isize,
-            ds.rs as isize,
-            false,
-            lhs.as_ptr(),
-            ls.cs as isize,
-            ls.rs as isize,
-            rhs.as_ptr(),
-            rs.cs as isize,
-            rs.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    interleaved_products(1, (m, n, k), (dst, n, n), (lhs, ls, 0), (rhs, rs, 0));
 }
 
 /// `count` products `dst[i] = lhs[i] · rhs[i]` (`[m, k] · [k, n]`), the
 /// `i`-th operand of each `step` floats after the one before, spread over
-/// rayon's threads a product each, every product on one thread.
+/// rayon's threads a product each, every product on one thread (a single
+/// product is split over the threads by `gemm` instead).
 ///
 /// The Winograd products (36 of `[128, 512] · [512, 512]` for a `layer4`
 /// convolution at batch 32) are small: each split over both threads by
@@ -411,7 +375,7 @@ fn interleaved_products(
     // The address crosses threads as an integer: a raw pointer is not
     // `Send`.
     let dst_at = dst.as_mut_ptr() as usize;
-    (0..count).into_par_iter().for_each(|i| {
+    let run = |i: usize, parallelism: gemm::Parallelism| {
         // SAFETY: the assertions above keep every element the `i`-th
         // product reads inside `lhs` and `rhs`, and every element it
         // writes inside `dst`, which is borrowed mutably for the whole
@@ -440,10 +404,17 @@ fn interleaved_products(
                 false,
                 false,
                 false,
-                gemm::Parallelism::None,
+                parallelism,
             );
         }
-    });
+    };
+    if count == 1 {
+        run(0, gemm::Parallelism::Rayon(rayon::current_num_threads()));
+    } else {
+        (0..count)
+            .into_par_iter()
+            .for_each(|i| run(i, gemm::Parallelism::None));
+    }
 }
 
 /// Row-major strides of a `[_, cols]` matrix.
@@ -460,12 +431,7 @@ fn forward_f32(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
     let (k, np) = (g.k(), g.np());
     let cols = im2col_t(x, g);
     let mut out_t = vec![0f32; g.o * np];
-    product(
-        (g.o, np, k),
-        (&mut out_t, rows(np)),
-        (w, rows(k)),
-        (&cols, rows(np)),
-    );
+    product((g.o, np, k), &mut out_t, (w, rows(k)), (&cols, rows(np)));
     swap_batch(&out_t, g.n, g.o, g.p(), false)
 }
 
@@ -475,7 +441,7 @@ fn weight_grad_f32(x: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
     let mut gw = vec![0f32; g.o * k];
     product(
         (g.o, k, np),
-        (&mut gw, rows(k)),
+        &mut gw,
         (grad_t, rows(np)),
         (&cols, transposed(np)),
     );
@@ -487,7 +453,7 @@ fn input_grad_f32(w: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
     let mut gcols = vec![0f32; k * np];
     product(
         (k, np, g.o),
-        (&mut gcols, rows(np)),
+        &mut gcols,
         (w, transposed(k)),
         (grad_t, rows(np)),
     );
