@@ -56,6 +56,7 @@ pub mod onnx;
 pub mod pack;
 pub mod report;
 pub mod resnet;
+mod simd;
 #[cfg(feature = "flex")]
 pub mod train_conv;
 pub mod weights;

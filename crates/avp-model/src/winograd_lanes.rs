@@ -198,13 +198,44 @@ impl Matrices<6, 4> for F4 {
 }
 
 /// `Bᵀ d` for F(2x2, 3x3).
-#[inline]
+/// A variant's forward transforms, `Bᵀ` (over an α-long column) and `Aᵀ`
+/// (α values to m), as methods: a caller that must have them inlined (the
+/// fused path's transforms, compiled at the processor's vector width) gets
+/// direct calls, where a function pointer stays a call.
+pub(crate) trait Forward<const A: usize, const M: usize> {
+    fn bt(d: &[Lanes; A]) -> [Lanes; A];
+    fn at(m: &[Lanes; A]) -> [Lanes; M];
+}
+
+impl Forward<4, 2> for F2 {
+    #[inline(always)]
+    fn bt(d: &[Lanes; 4]) -> [Lanes; 4] {
+        bt4(d)
+    }
+    #[inline(always)]
+    fn at(m: &[Lanes; 4]) -> [Lanes; 2] {
+        at4(m)
+    }
+}
+
+impl Forward<6, 4> for F4 {
+    #[inline(always)]
+    fn bt(d: &[Lanes; 6]) -> [Lanes; 6] {
+        bt6(d)
+    }
+    #[inline(always)]
+    fn at(m: &[Lanes; 6]) -> [Lanes; 4] {
+        at6(m)
+    }
+}
+
+#[inline(always)]
 pub(crate) fn bt4(d: &[Lanes; 4]) -> [Lanes; 4] {
     lanes!(d: 4 -> 4, |d0, d1, d2, d3| [d0 - d2, d1 + d2, d2 - d1, d1 - d3])
 }
 
 /// `Bᵀ d` for F(4x4, 3x3).
-#[inline]
+#[inline(always)]
 pub(crate) fn bt6(d: &[Lanes; 6]) -> [Lanes; 6] {
     lanes!(d: 6 -> 6, |d0, d1, d2, d3, d4, d5| [
         (d0 + d4) + 1.5 * (d3 - d1) - 2.0 * d2,
@@ -217,13 +248,13 @@ pub(crate) fn bt6(d: &[Lanes; 6]) -> [Lanes; 6] {
 }
 
 /// `Aᵀ m` for F(2x2, 3x3).
-#[inline]
+#[inline(always)]
 pub(crate) fn at4(m: &[Lanes; 4]) -> [Lanes; 2] {
     lanes!(m: 4 -> 2, |m0, m1, m2, m3| [m0 + m1 + m2, m1 - m2 - m3])
 }
 
 /// `Aᵀ m` for F(4x4, 3x3).
-#[inline]
+#[inline(always)]
 pub(crate) fn at6(m: &[Lanes; 6]) -> [Lanes; 4] {
     lanes!(m: 6 -> 4, |m0, m1, m2, m3, m4, m5| [
         m0 + (m1 + m2) + m3 + m4,

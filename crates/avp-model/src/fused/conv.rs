@@ -343,6 +343,22 @@ impl Conv {
         bn: Option<usize>,
         pass: &Pass,
     ) -> Vec<f64> {
+        // At the processor's vector width (`simd.rs`).
+        crate::simd::widest(
+            #[inline(always)]
+            || self.epilogue_here(dst, residual, relu, bn, pass),
+        )
+    }
+
+    #[inline(always)]
+    fn epilogue_here(
+        &self,
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+        relu: bool,
+        bn: Option<usize>,
+        pass: &Pass,
+    ) -> Vec<f64> {
         let cout = self.cout;
         match (bn, pass.norm) {
             (Some(i), BatchNormUse::Running) => {
@@ -395,7 +411,11 @@ impl Conv {
             .enumerate()
             .for_each(|(t, dst)| {
                 let rows_here = dst.len() / cout;
-                scale_shift(dst, res_rows(t * tile, rows_here), (&scale, &shift), relu);
+                let res = res_rows(t * tile, rows_here);
+                crate::simd::widest(
+                    #[inline(always)]
+                    || scale_shift(dst, res, (&scale, &shift), relu),
+                );
             });
         BatchStats {
             layer,

@@ -76,6 +76,7 @@ pub(super) struct BatchStats {
 }
 
 /// `y·scale + shift (+ residual)`, then ReLU, over whole rows of `dst`.
+#[inline(always)]
 pub(super) fn scale_shift(
     dst: &mut [f32],
     residual: Option<&[f32]>,
@@ -94,6 +95,7 @@ pub(super) fn scale_shift(
 /// `(y + bias)·scale + shift (+ residual)`, then ReLU, over whole rows of
 /// `dst`: a convolution's bias and its running-statistics BatchNorm in one
 /// pass.
+#[inline(always)]
 pub(super) fn bias_scale_shift(
     dst: &mut [f32],
     bias: &[f32],
@@ -112,6 +114,7 @@ pub(super) fn bias_scale_shift(
 
 /// `y + bias (+ residual)`, then ReLU, over whole rows of `dst` (a folded
 /// convolution's epilogue).
+#[inline(always)]
 pub(super) fn bias_residual_relu(
     dst: &mut [f32],
     bias: &[f32],
@@ -128,6 +131,7 @@ pub(super) fn bias_residual_relu(
 }
 
 /// The end of every epilogue, on one row: the shortcut added, then ReLU.
+#[inline(always)]
 fn residual_relu(row: &mut [f32], residual: Option<&[f32]>, relu: bool) {
     if let Some(res) = residual {
         for (v, x) in row.iter_mut().zip(res) {
@@ -144,6 +148,7 @@ fn residual_relu(row: &mut [f32], residual: Option<&[f32]>, relu: bool) {
 /// and one scalar store per element (a quarter of ResNet50's inference
 /// time at batch 8, in a `perf` profile: the branch mispredicts on half
 /// the values).
+#[inline(always)]
 pub(super) fn clamp_negative(v: &mut [f32]) {
     for v in v.iter_mut() {
         *v = if *v < 0.0 { 0.0 } else { *v };

@@ -30,7 +30,7 @@ use std::cell::RefCell;
 
 use super::buffers::Map;
 use super::conv::{Conv, gemm_strided};
-use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, at4, at6, bt4, bt6};
+use crate::winograd_lanes::{F2, F4, Forward, LANES, Lanes, Matrices};
 
 /// Above this many (input, output) channel pairs a layer runs F(2x2, 3x3)
 /// rather than F(4x4, 3x3) ([`Variant::for_layer`]).
@@ -143,10 +143,6 @@ pub(super) fn transform_weights(w: &[f32], cin: usize, cout: usize, variant: Var
     Winograd { variant, u }
 }
 
-/// A variant's `Bᵀ` (over an α-long column) and `Aᵀ` (α values to m).
-type Transforms<const A: usize, const M: usize> =
-    (fn(&[Lanes; A]) -> [Lanes; A], fn(&[Lanes; A]) -> [Lanes; M]);
-
 /// The tile geometry of one convolution over one input map.
 #[derive(Clone, Copy)]
 pub(super) struct Tiles {
@@ -213,20 +209,18 @@ impl Conv {
         dst_rs: usize,
     ) {
         match tiles.variant {
-            Variant::F2 => {
-                self.product::<4, 2>(u, x, tiles, unit, cols, (dst, dst_rs), (bt4, at4));
-            }
-            Variant::F4 => {
-                self.product::<6, 4>(u, x, tiles, unit, cols, (dst, dst_rs), (bt6, at6));
-            }
+            Variant::F2 => self.product::<4, 2, F2>(u, x, tiles, unit, cols, (dst, dst_rs)),
+            Variant::F4 => self.product::<6, 4, F4>(u, x, tiles, unit, cols, (dst, dst_rs)),
         }
     }
 
     /// [`Conv::winograd_product`] for patches of `A` x `A` and tiles of
-    /// `M` x `M`, with the variant's `Bᵀ` and `Aᵀ`.
-    #[allow(clippy::too_many_arguments)]
+    /// `M` x `M`, with the variant `T`'s `Bᵀ` and `Aᵀ`. The input and
+    /// output transforms run at the processor's vector width
+    /// ([`crate::simd::widest`]; the transforms are trait methods so that
+    /// they inline there, where a function pointer stays a call).
     #[inline(always)]
-    fn product<const A: usize, const M: usize>(
+    fn product<const A: usize, const M: usize, T: Forward<A, M>>(
         &self,
         u: &[f32],
         x: &Map,
@@ -234,7 +228,6 @@ impl Conv {
         (g0, g1): (usize, usize),
         (lo, hi): (usize, usize),
         (dst, dst_rs): (&mut [f32], usize),
-        (bt, at): Transforms<A, M>,
     ) {
         let cin = self.cin;
         let ncol = hi - lo;
@@ -250,18 +243,16 @@ impl Conv {
             if m.len() < points * count * ncol {
                 m.resize(points * count * ncol, 0.0);
             }
-            for t in 0..count {
-                let g = g0 + t / tiles.tw;
-                let tx = t % tiles.tw;
-                self.input_tile::<A>(
-                    x,
-                    tiles,
-                    (g, tx),
-                    &mut v[..points * count * cin],
-                    (count, t),
-                    bt,
-                );
-            }
+            let v_all = &mut v[..points * count * cin];
+            crate::simd::widest(
+                #[inline(always)]
+                || {
+                    for t in 0..count {
+                        let (g, tx) = (g0 + t / tiles.tw, t % tiles.tw);
+                        self.input_tile::<A, M, T>(x, tiles, (g, tx), v_all, (count, t));
+                    }
+                },
+            );
             for xi in 0..points {
                 gemm_strided(
                     (count, ncol, cin),
@@ -274,38 +265,37 @@ impl Conv {
                 );
             }
             let base = tiles.row_start(g0);
-            for t in 0..count {
-                let g = g0 + t / tiles.tw;
-                let tx = t % tiles.tw;
-                output_tile::<A, M>(
-                    &m[..points * count * ncol],
-                    (count, t, ncol),
-                    |dy, dx| {
-                        let (b, ty) = (g / tiles.th, g % tiles.th);
-                        let (oy, ox) = (M * ty + dy, M * tx + dx);
-                        (oy < tiles.oh && ox < tiles.ow).then(|| {
-                            let row = (b * tiles.oh + oy) * tiles.ow + ox - base;
-                            row * dst_rs
-                        })
-                    },
-                    dst,
-                    at,
-                );
-            }
+            let m_all = &m[..points * count * ncol];
+            crate::simd::widest(
+                #[inline(always)]
+                || {
+                    for t in 0..count {
+                        let (g, tx) = (g0 + t / tiles.tw, t % tiles.tw);
+                        let place = |dy, dx| {
+                            let (b, ty) = (g / tiles.th, g % tiles.th);
+                            let (oy, ox) = (M * ty + dy, M * tx + dx);
+                            (oy < tiles.oh && ox < tiles.ow).then(|| {
+                                let row = (b * tiles.oh + oy) * tiles.ow + ox - base;
+                                row * dst_rs
+                            })
+                        };
+                        output_tile::<A, M, T>(m_all, (count, t, ncol), place, dst);
+                    }
+                },
+            );
         });
     }
 
     /// `V = Bᵀ d B` of the `A` x `A` input patch of tile `(g, tx)` into
     /// `v[ξ][t][..]` (`count` tiles per ξ), zeros outside the image.
     #[inline(always)]
-    fn input_tile<const A: usize>(
+    fn input_tile<const A: usize, const M: usize, T: Forward<A, M>>(
         &self,
         x: &Map,
         tiles: Tiles,
         (g, tx): (usize, usize),
         v: &mut [f32],
         (count, t): (usize, usize),
-        bt: fn(&[Lanes; A]) -> [Lanes; A],
     ) {
         let cin = self.cin;
         let m = tiles.variant.m();
@@ -333,18 +323,18 @@ impl Conv {
             for (i, row) in at.iter().enumerate() {
                 for (j, p) in row.iter().enumerate() {
                     if let Some(o) = p {
-                        d[j][i][..w].copy_from_slice(&x.data[o + c0..o + c0 + w]);
+                        load(&mut d[j][i], &x.data[o + c0..], w);
                     }
                 }
             }
             // Bᵀ d, one column at a time; then (Bᵀ d) B, one row at a time.
-            let cols: [[Lanes; A]; A] = std::array::from_fn(|j| bt(&d[j]));
+            let cols: [[Lanes; A]; A] = std::array::from_fn(|j| T::bt(&d[j]));
             let rows: [[Lanes; A]; A] =
                 std::array::from_fn(|i| std::array::from_fn(|j| cols[j][i]));
             for (i, row) in rows.iter().enumerate() {
-                for (j, o) in bt(row).iter().enumerate() {
+                for (j, o) in T::bt(row).iter().enumerate() {
                     let at = ((A * i + j) * count + t) * cin + c0;
-                    v[at..at + w].copy_from_slice(&o[..w]);
+                    store(&mut v[at..], o, w);
                 }
             }
         }
@@ -355,12 +345,11 @@ impl Conv {
 /// output pixels written at the offset `place(dy, dx)` gives (None: outside
 /// the image).
 #[inline(always)]
-fn output_tile<const A: usize, const M: usize>(
+fn output_tile<const A: usize, const M: usize, T: Forward<A, M>>(
     m: &[f32],
     (count, t, ncol): (usize, usize, usize),
     place: impl Fn(usize, usize) -> Option<usize>,
     dst: &mut [f32],
-    at: fn(&[Lanes; A]) -> [Lanes; M],
 ) {
     let spots: [[Option<usize>; M]; M] =
         std::array::from_fn(|dy| std::array::from_fn(|dx| place(dy, dx)));
@@ -370,20 +359,41 @@ fn output_tile<const A: usize, const M: usize>(
         for (i, row) in mm.iter_mut().enumerate() {
             for (j, lanes) in row.iter_mut().enumerate() {
                 let at = ((A * i + j) * count + t) * ncol + c0;
-                lanes[..w].copy_from_slice(&m[at..at + w]);
+                load(lanes, &m[at..], w);
             }
         }
         // M A: M columns of each row.
-        let p: [[Lanes; M]; A] = std::array::from_fn(|i| at(&mm[i]));
+        let p: [[Lanes; M]; A] = std::array::from_fn(|i| T::at(&mm[i]));
         // Aᵀ (M A), one output column at a time.
         for dx in 0..M {
             let col: [Lanes; A] = std::array::from_fn(|i| p[i][dx]);
-            for (dy, lanes) in at(&col).iter().enumerate() {
+            for (dy, lanes) in T::at(&col).iter().enumerate() {
                 if let Some(o) = spots[dy][dx] {
-                    dst[o + c0..o + c0 + w].copy_from_slice(&lanes[..w]);
+                    store(&mut dst[o + c0..], lanes, w);
                 }
             }
         }
+    }
+}
+
+/// The first `w` of `lanes` from `src` (`w` ≤ [`LANES`]). A whole group
+/// is one fixed-size copy, a single vector load where the code is compiled
+/// wide; a copy of run-time length is a call to `memcpy` (10% of ResNet50's
+/// inference time in a `perf` profile, from these copies and the stores).
+#[inline(always)]
+fn load(lanes: &mut Lanes, src: &[f32], w: usize) {
+    match src.first_chunk::<LANES>() {
+        Some(whole) if w == LANES => *lanes = *whole,
+        _ => lanes[..w].copy_from_slice(&src[..w]),
+    }
+}
+
+/// The first `w` of `lanes` into `dst` ([`load`]'s counterpart).
+#[inline(always)]
+fn store(dst: &mut [f32], lanes: &Lanes, w: usize) {
+    match dst.first_chunk_mut::<LANES>() {
+        Some(whole) if w == LANES => *whole = *lanes,
+        _ => dst[..w].copy_from_slice(&lanes[..w]),
     }
 }
 
