@@ -343,47 +343,35 @@ impl Conv {
         bn: Option<usize>,
         pass: &Pass,
     ) -> Vec<f64> {
+        let cout = self.cout;
         // At the processor's vector width (`simd.rs`).
         crate::simd::widest(
             #[inline(always)]
-            || self.epilogue_here(dst, residual, relu, bn, pass),
-        )
-    }
-
-    #[inline(always)]
-    fn epilogue_here(
-        &self,
-        dst: &mut [f32],
-        residual: Option<&[f32]>,
-        relu: bool,
-        bn: Option<usize>,
-        pass: &Pass,
-    ) -> Vec<f64> {
-        let cout = self.cout;
-        match (bn, pass.norm) {
-            (Some(i), BatchNormUse::Running) => {
-                let (scale, shift) = &pass.affine[i];
-                bias_scale_shift(dst, &self.bias, residual, (scale, shift), relu);
-                Vec::new()
-            }
-            (Some(_), _) => {
-                let mut sums = vec![0f64; 2 * cout];
-                for row in dst.chunks_exact_mut(cout) {
-                    for (v, b) in row.iter_mut().zip(&self.bias) {
-                        *v += b;
-                    }
-                    for (c, &v) in row.iter().enumerate() {
-                        sums[c] += v as f64;
-                        sums[cout + c] += (v as f64) * (v as f64);
-                    }
+            || match (bn, pass.norm) {
+                (Some(i), BatchNormUse::Running) => {
+                    let (scale, shift) = &pass.affine[i];
+                    bias_scale_shift(dst, &self.bias, residual, (scale, shift), relu);
+                    Vec::new()
                 }
-                sums
-            }
-            (None, _) => {
-                bias_residual_relu(dst, &self.bias, residual, relu);
-                Vec::new()
-            }
-        }
+                (Some(_), _) => {
+                    let mut sums = vec![0f64; 2 * cout];
+                    for row in dst.chunks_exact_mut(cout) {
+                        for (v, b) in row.iter_mut().zip(&self.bias) {
+                            *v += b;
+                        }
+                        for (c, &v) in row.iter().enumerate() {
+                            sums[c] += v as f64;
+                            sums[cout + c] += (v as f64) * (v as f64);
+                        }
+                    }
+                    sums
+                }
+                (None, _) => {
+                    bias_residual_relu(dst, &self.bias, residual, relu);
+                    Vec::new()
+                }
+            },
+        )
     }
 
     /// Batch statistics from the summed tiles, then the scale, shift,
