@@ -16,9 +16,13 @@
 //! these, a 512-channel `layer4` convolution's forward and backward at
 //! batch 32 went from 152 to 138 ms (the input and output transforms
 //! about twice as fast), on the 2-core AVX2 EPYC of the project's
-//! measurements. They are handed over as function pointers: the same
-//! bodies as trait methods, inlined or not, measured 160 ms. The tests
-//! below check every transform against its matrix.
+//! measurements. The training path's input and output transforms are
+//! handed over as function pointers: on that machine the same bodies as
+//! trait methods, inlined or not, measured 160 ms. The fused path
+//! ([`Forward`]) and the training path's weight transforms ([`Weights`])
+//! take them as trait methods, inlined into loops compiled at the
+//! processor's vector width. The tests below check every transform
+//! against its matrix.
 
 /// Channels a transform handles together: one AVX-512 register of f32.
 pub(crate) const LANES: usize = 16;
@@ -118,15 +122,8 @@ impl Matrices<4, 2> for F2 {
         |x| lanes!(x: 4 -> 4, |x0, x1, x2, x3| [x0, x1 - x2 + x3, x1 + x2 - x0, -x3]);
     const AT_X: Lin<4, 2> = at4;
     const A_X: Lin<2, 4> = |y| lanes!(y: 2 -> 4, |y0, y1| [y0, y0 + y1, y0 - y1, -y1]);
-    const G_X: Lin<3, 4> =
-        |g| lanes!(g: 3 -> 4, |g0, g1, g2| [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]);
-    const GT_X: Lin<4, 3> = |u| {
-        lanes!(u: 4 -> 3, |u0, u1, u2, u3| [
-            u0 + 0.5 * (u1 + u2),
-            0.5 * (u1 - u2),
-            0.5 * (u1 + u2) + u3,
-        ])
-    };
+    const G_X: Lin<3, 4> = g4;
+    const GT_X: Lin<4, 3> = gt4;
 }
 
 impl Matrices<6, 4> for F4 {
@@ -174,30 +171,10 @@ impl Matrices<6, 4> for F4 {
             y3,
         ])
     };
-    const G_X: Lin<3, 6> = |g| {
-        const THIRD: f32 = 1.0 / 3.0;
-        const FIFTEENTH: f32 = 1.0 / 15.0;
-        lanes!(g: 3 -> 6, |g0, g1, g2| [
-            g0,
-            THIRD * (g0 + g1 + g2),
-            THIRD * (g1 - g0 - g2),
-            -FIFTEENTH * (16.0 * g0 + 8.0 * g1 + 4.0 * g2),
-            FIFTEENTH * (g0 - 2.0 * g1 + 4.0 * g2),
-            g2,
-        ])
-    };
-    const GT_X: Lin<6, 3> = |u| {
-        const THIRD: f32 = 1.0 / 3.0;
-        const FIFTEENTH: f32 = 1.0 / 15.0;
-        lanes!(u: 6 -> 3, |u0, u1, u2, u3, u4, u5| [
-            u0 + THIRD * (u1 - u2) + FIFTEENTH * (u4 - 16.0 * u3),
-            THIRD * (u1 + u2) - FIFTEENTH * (8.0 * u3 + 2.0 * u4),
-            THIRD * (u1 - u2) + FIFTEENTH * (4.0 * u4 - 4.0 * u3) + u5,
-        ])
-    };
+    const G_X: Lin<3, 6> = g6;
+    const GT_X: Lin<6, 3> = gt6;
 }
 
-/// `Bᵀ d` for F(2x2, 3x3).
 /// A variant's forward transforms, `Bᵀ` (over an α-long column) and `Aᵀ`
 /// (α values to m), as methods: a caller that must have them inlined (the
 /// fused path's transforms, compiled at the processor's vector width) gets
@@ -229,6 +206,80 @@ impl Forward<6, 4> for F4 {
     }
 }
 
+/// A variant's weight transform `G` (3 taps to α) and its transpose,
+/// as methods, for the same reason as [`Forward`]: the trained stages'
+/// weight transform and weight gradient run them inside
+/// [`crate::simd::widest`].
+pub(crate) trait Weights<const A: usize> {
+    fn g(k: &[Lanes; 3]) -> [Lanes; A];
+    fn gt(u: &[Lanes; A]) -> [Lanes; 3];
+}
+
+impl Weights<4> for F2 {
+    #[inline(always)]
+    fn g(k: &[Lanes; 3]) -> [Lanes; 4] {
+        g4(k)
+    }
+    #[inline(always)]
+    fn gt(u: &[Lanes; 4]) -> [Lanes; 3] {
+        gt4(u)
+    }
+}
+
+impl Weights<6> for F4 {
+    #[inline(always)]
+    fn g(k: &[Lanes; 3]) -> [Lanes; 6] {
+        g6(k)
+    }
+    #[inline(always)]
+    fn gt(u: &[Lanes; 6]) -> [Lanes; 3] {
+        gt6(u)
+    }
+}
+
+/// `G g` for F(2x2, 3x3).
+#[inline(always)]
+fn g4(g: &[Lanes; 3]) -> [Lanes; 4] {
+    lanes!(g: 3 -> 4, |g0, g1, g2| [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2])
+}
+
+/// `Gᵀ u` for F(2x2, 3x3).
+#[inline(always)]
+fn gt4(u: &[Lanes; 4]) -> [Lanes; 3] {
+    lanes!(u: 4 -> 3, |u0, u1, u2, u3| [
+        u0 + 0.5 * (u1 + u2),
+        0.5 * (u1 - u2),
+        0.5 * (u1 + u2) + u3,
+    ])
+}
+
+const THIRD: f32 = 1.0 / 3.0;
+const FIFTEENTH: f32 = 1.0 / 15.0;
+
+/// `G g` for F(4x4, 3x3).
+#[inline(always)]
+fn g6(g: &[Lanes; 3]) -> [Lanes; 6] {
+    lanes!(g: 3 -> 6, |g0, g1, g2| [
+        g0,
+        THIRD * (g0 + g1 + g2),
+        THIRD * (g1 - g0 - g2),
+        -FIFTEENTH * (16.0 * g0 + 8.0 * g1 + 4.0 * g2),
+        FIFTEENTH * (g0 - 2.0 * g1 + 4.0 * g2),
+        g2,
+    ])
+}
+
+/// `Gᵀ u` for F(4x4, 3x3).
+#[inline(always)]
+fn gt6(u: &[Lanes; 6]) -> [Lanes; 3] {
+    lanes!(u: 6 -> 3, |u0, u1, u2, u3, u4, u5| [
+        u0 + THIRD * (u1 - u2) + FIFTEENTH * (u4 - 16.0 * u3),
+        THIRD * (u1 + u2) - FIFTEENTH * (8.0 * u3 + 2.0 * u4),
+        THIRD * (u1 - u2) + FIFTEENTH * (4.0 * u4 - 4.0 * u3) + u5,
+    ])
+}
+
+/// `Bᵀ d` for F(2x2, 3x3).
 #[inline(always)]
 pub(crate) fn bt4(d: &[Lanes; 4]) -> [Lanes; 4] {
     lanes!(d: 4 -> 4, |d0, d1, d2, d3| [d0 - d2, d1 + d2, d2 - d1, d1 - d3])
@@ -265,15 +316,34 @@ pub(crate) fn at6(m: &[Lanes; 6]) -> [Lanes; 4] {
 }
 
 /// `L X Rᵀ` of a `J x Q` block of lanes, from the one-dimensional
-/// transforms `x ↦ L x` (each column) and `x ↦ R x` (each row).
+/// transforms `x ↦ L x` (each column) and `x ↦ R x` (each row). Plain
+/// loops: built with `std::array::from_fn`, the closures stayed calls and
+/// every block went through the stack (the training path's weight
+/// transform took 7.8 ms instead of 5.1 at batch 32, see
+/// `train_conv::winograd`).
 #[inline(always)]
 pub(crate) fn two_sided<const I: usize, const J: usize, const P: usize, const Q: usize>(
-    l: Lin<J, I>,
+    l: impl Fn(&[Lanes; J]) -> [Lanes; I],
     x: &[[Lanes; Q]; J],
-    r: Lin<Q, P>,
+    r: impl Fn(&[Lanes; Q]) -> [Lanes; P],
 ) -> [[Lanes; P]; I] {
-    let cols: [[Lanes; I]; Q] = std::array::from_fn(|q| l(&std::array::from_fn(|j| x[j][q])));
-    std::array::from_fn(|i| r(&std::array::from_fn(|q| cols[q][i])))
+    let mut cols = [[[0f32; LANES]; I]; Q];
+    for (q, col) in cols.iter_mut().enumerate() {
+        let mut xq = [[0f32; LANES]; J];
+        for (d, row) in xq.iter_mut().zip(x) {
+            *d = row[q];
+        }
+        *col = l(&xq);
+    }
+    let mut out = [[[0f32; LANES]; P]; I];
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut ri = [[0f32; LANES]; Q];
+        for (d, col) in ri.iter_mut().zip(&cols) {
+            *d = col[i];
+        }
+        *o = r(&ri);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -328,9 +328,14 @@ impl Conv {
                 }
             }
             // Bᵀ d, one column at a time; then (Bᵀ d) B, one row at a time.
-            let cols: [[Lanes; A]; A] = std::array::from_fn(|j| T::bt(&d[j]));
-            let rows: [[Lanes; A]; A] =
-                std::array::from_fn(|i| std::array::from_fn(|j| cols[j][i]));
+            // (Loops, not `std::array::from_fn`: its closures did not
+            // always inline, and each array then went through the stack.)
+            let mut rows = [[[0f32; LANES]; A]; A];
+            for (j, col) in d.iter().enumerate() {
+                for (row, lanes) in rows.iter_mut().zip(T::bt(col)) {
+                    row[j] = lanes;
+                }
+            }
             for (i, row) in rows.iter().enumerate() {
                 for (j, o) in T::bt(row).iter().enumerate() {
                     let at = ((A * i + j) * count + t) * cin + c0;
@@ -363,11 +368,17 @@ fn output_tile<const A: usize, const M: usize, T: Forward<A, M>>(
             }
         }
         // M A: M columns of each row.
-        let p: [[Lanes; M]; A] = std::array::from_fn(|i| T::at(&mm[i]));
+        // Stored by column: `p[dx][i]` (loops rather than
+        // `std::array::from_fn`, as in `input_tile`).
+        let mut p = [[[0f32; LANES]; A]; M];
+        for (i, row) in mm.iter().enumerate() {
+            for (col, lanes) in p.iter_mut().zip(T::at(row)) {
+                col[i] = lanes;
+            }
+        }
         // Aᵀ (M A), one output column at a time.
-        for dx in 0..M {
-            let col: [Lanes; A] = std::array::from_fn(|i| p[i][dx]);
-            for (dy, lanes) in T::at(&col).iter().enumerate() {
+        for (dx, col) in p.iter().enumerate() {
+            for (dy, lanes) in T::at(col).iter().enumerate() {
                 if let Some(o) = spots[dy][dx] {
                     store(&mut dst[o + c0..], lanes, w);
                 }

@@ -33,7 +33,7 @@
 use rayon::prelude::*;
 
 use super::{Geometry, Strides, interleaved_products, rows};
-use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, two_sided};
+use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, Weights, two_sided};
 
 /// Which algorithm a trained stride-1 3x3 convolution runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +184,12 @@ fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
 /// width through [`crate::simd::widest`] as the fused path's are, two
 /// cached `layer4` epochs on a 2-core AVX-512 Xeon took 25.3 and 25.2 s
 /// against 25.5 and 24.9 s: these passes are bound by memory, not
-/// arithmetic.)
+/// arithmetic. The weight transform and its adjoint were not: at batch 32
+/// on a 512-channel `layer4` convolution they took 7.8 and 3.5 ms of the
+/// 55 ms forward and backward, where writing their 38 MB takes 1 ms. Run
+/// inside `widest` with `G` as trait methods they took the same; with
+/// `two_sided` written as loops instead of `std::array::from_fn`, whose
+/// closures did not inline, 5.1 and 2.3 ms.)
 fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
     dst.par_chunks_mut(len)
         .enumerate()
@@ -231,13 +236,13 @@ fn add_into(row: &mut [f32], lo: usize, v: &Lanes) {
 }
 
 /// The algorithm of one convolution, for one variant.
-struct Plan<'g, const A: usize, const M: usize, W: Matrices<A, M>> {
+struct Plan<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> {
     g: &'g Geometry,
     tiles: Tiles,
     _w: std::marker::PhantomData<fn() -> W>,
 }
 
-impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
+impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g, A, M, W> {
     fn new(g: &'g Geometry) -> Self {
         Self {
             g,
@@ -298,23 +303,27 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let (c, o) = (self.g.c, self.g.o);
         let mut u = scratch(o * A * A * c);
         par_chunks(&mut u, A * A * c, |oi, out| {
-            // The taps by tap, `[9][C]`: a lane group of one tap is then
-            // one load.
-            let mut by_tap = vec![0f32; 9 * c];
-            for (ci, taps) in w[oi * c * 9..][..c * 9].chunks_exact(9).enumerate() {
-                for (tap, &v) in taps.iter().enumerate() {
-                    by_tap[tap * c + ci] = v;
-                }
-            }
-            for lo in (0..c).step_by(LANES) {
-                let k: [[Lanes; 3]; 3] = std::array::from_fn(|i| {
-                    std::array::from_fn(|j| load(&by_tap[(3 * i + j) * c..][..c], lo))
-                });
-                let tu = two_sided(W::G_X, &k, W::G_X);
-                for (xi, lanes) in tu.iter().flatten().enumerate() {
-                    store(&mut out[xi * c..][..c], lo, lanes);
-                }
-            }
+            crate::simd::widest(
+                #[inline(always)]
+                || {
+                    let w = &w[oi * c * 9..][..c * 9];
+                    for lo in (0..c).step_by(LANES) {
+                        // The 3x3 taps of this lane group's channels, a
+                        // tap a lane group.
+                        let mut k = [[[0f32; LANES]; 3]; 3];
+                        let n = (c - lo).min(LANES);
+                        for (l, taps) in w[lo * 9..][..n * 9].chunks_exact(9).enumerate() {
+                            for (tap, &v) in taps.iter().enumerate() {
+                                k[tap / 3][tap % 3][l] = v;
+                            }
+                        }
+                        let tu = two_sided(W::g, &k, W::g);
+                        for (xi, lanes) in tu.iter().flatten().enumerate() {
+                            store(&mut out[xi * c..][..c], lo, lanes);
+                        }
+                    }
+                },
+            )
         });
         u
     }
@@ -393,25 +402,26 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M>> Plan<'g, A, M, W> {
         let (c, o) = (self.g.c, self.g.o);
         let mut gw = vec![0f32; o * c * 9];
         par_chunks(&mut gw, c * 9, |oi, out| {
-            let src = &du[oi * A * A * c..][..A * A * c];
-            // `[9][C]` first, stored a lane group at a time, then Burn's
-            // `[C][9]`.
-            let mut by_tap = vec![0f32; 9 * c];
-            for lo in (0..c).step_by(LANES) {
-                let mut u = [[[0f32; LANES]; A]; A];
-                for (xi, lanes) in u.iter_mut().flatten().enumerate() {
-                    *lanes = load(&src[xi * c..][..c], lo);
-                }
-                let k = two_sided(W::GT_X, &u, W::GT_X);
-                for (tap, lanes) in k.iter().flatten().enumerate() {
-                    store(&mut by_tap[tap * c..][..c], lo, lanes);
-                }
-            }
-            for (ci, taps) in out.chunks_exact_mut(9).enumerate() {
-                for (tap, d) in taps.iter_mut().enumerate() {
-                    *d = by_tap[tap * c + ci];
-                }
-            }
+            crate::simd::widest(
+                #[inline(always)]
+                || {
+                    let src = &du[oi * A * A * c..][..A * A * c];
+                    for lo in (0..c).step_by(LANES) {
+                        let mut u = [[[0f32; LANES]; A]; A];
+                        for (xi, lanes) in u.iter_mut().flatten().enumerate() {
+                            *lanes = load(&src[xi * c..][..c], lo);
+                        }
+                        let k = two_sided(W::gt, &u, W::gt);
+                        // Burn's `[C][3][3]`: a lane's nine taps together.
+                        let n = (c - lo).min(LANES);
+                        for (l, taps) in out[lo * 9..][..n * 9].chunks_exact_mut(9).enumerate() {
+                            for (tap, d) in taps.iter_mut().enumerate() {
+                                *d = k[tap / 3][tap % 3][l];
+                            }
+                        }
+                    }
+                },
+            )
         });
         gw
     }
