@@ -49,27 +49,53 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, mode: BatchNormUse) -> Tensor<4>
 fn batch_statistics(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let [n, _, h, w] = x.dims();
     let count = (n * h * w) as f64;
-    let r = burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+    let (output, mean, variance) = normalized(bn, x);
     let unbiased = if count > 1.0 {
         count / (count - 1.0)
     } else {
         1.0
     };
     let m = bn.momentum;
-    let device = r.mean.device();
-    let mean = bn.running_mean.value_sync().to_device(&device);
-    let var = bn.running_var.value_sync().to_device(&device);
+    let device = mean.device();
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
     bn.running_mean.update(
-        mean.mul_scalar(1.0 - m)
-            .add(r.mean.detach().mul_scalar(m))
+        running_mean
+            .mul_scalar(1.0 - m)
+            .add(mean.detach().mul_scalar(m))
             .detach(),
     );
     bn.running_var.update(
-        var.mul_scalar(1.0 - m)
-            .add(r.variance.detach().mul_scalar(m * unbiased))
+        running_var
+            .mul_scalar(1.0 - m)
+            .add(variance.detach().mul_scalar(m * unbiased))
             .detach(),
     );
-    r.output
+    output
+}
+
+/// The output, and each channel's mean and biased variance over the
+/// batch: on the flex device [`crate::train_bn`]'s operations (unless
+/// `AVP_TRAIN_BN=burn`), elsewhere Burn's `batch_norm_train`.
+fn normalized(bn: &BatchNorm, x: Tensor<4>) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    #[cfg(feature = "flex")]
+    if !burn_requested() {
+        let gamma = bn.gamma.val();
+        let output = crate::train_bn::batch_norm_train(&x, gamma, bn.beta.val(), bn.epsilon);
+        if let (Some(output), Some((mean, variance))) = (output, crate::train_bn::batch_stats(&x)) {
+            return (output, mean, variance);
+        }
+    }
+    let r = burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+    (r.output, r.mean, r.variance)
+}
+
+/// `AVP_TRAIN_BN=burn` (read once) keeps Burn's `batch_norm_train` on
+/// the flex device too, for measuring one against the other.
+#[cfg(feature = "flex")]
+fn burn_requested() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| std::env::var("AVP_TRAIN_BN").is_ok_and(|v| v == "burn"))
 }
 
 /// `conv` followed by `bn` (running statistics) as one convolution with a

@@ -58,6 +58,8 @@ pub mod report;
 pub mod resnet;
 mod simd;
 #[cfg(feature = "flex")]
+pub mod train_bn;
+#[cfg(feature = "flex")]
 pub mod train_conv;
 pub mod weights;
 mod winograd_lanes;
