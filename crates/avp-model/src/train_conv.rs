@@ -462,7 +462,7 @@ fn input_grad_f32(w: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
 
 /// A flex tensor's `f32` values in row-major order (copied only when its
 /// layout is not contiguous already).
-fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(
@@ -474,11 +474,11 @@ fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-fn flex_tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+pub(crate) fn flex_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-fn dims4(t: &FlexTensor) -> [usize; 4] {
+pub(crate) fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.shape();
     [s[0], s[1], s[2], s[3]]
 }

@@ -328,8 +328,8 @@ impl Conv {
                 }
             }
             // Bᵀ d, one column at a time; then (Bᵀ d) B, one row at a time.
-            // (Loops, not `std::array::from_fn`: its closures did not
-            // always inline, and each array then went through the stack.)
+            // (Loops, not `std::array::from_fn`, as in
+            // `winograd_lanes::two_sided`.)
             let mut rows = [[[0f32; LANES]; A]; A];
             for (j, col) in d.iter().enumerate() {
                 for (row, lanes) in rows.iter_mut().zip(T::bt(col)) {
