@@ -334,23 +334,8 @@ impl<C: CheckpointStrategy> TrainBatchNormOps for Autodiff<Flex, C> {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
+    use crate::train_conv::assert_close as close;
     use burn::tensor::{Device, Distribution};
-
-    fn close<const D: usize>(ours: Tensor<D>, burn: Tensor<D>, bar: f32, what: &str) {
-        let a = ours.into_data().try_to_vec::<f32>().unwrap();
-        let b = burn.into_data().try_to_vec::<f32>().unwrap();
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let worst = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        eprintln!("{what}: worst {:.2e} of scale {scale}", worst / scale);
-        assert!(
-            worst <= bar * scale,
-            "{what}: max |diff| {worst} (scale {scale})"
-        );
-    }
 
     /// Forward and the gradients of input, γ and β equal Burn's
     /// `batch_norm_train` on the autodiff flex device, on shapes with one

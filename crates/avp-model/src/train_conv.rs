@@ -601,6 +601,28 @@ impl<C: CheckpointStrategy> TrainConvOps for Autodiff<Flex, C> {
     }
 }
 
+/// Asserts that `ours` is within `bar` of `burn`'s largest magnitude,
+/// element by element, and prints the worst difference (the trained
+/// stages' operations against Burn's own, in this module's tests and
+/// `train_bn`'s).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+pub(crate) fn assert_close<const D: usize>(ours: Tensor<D>, burn: Tensor<D>, bar: f32, what: &str) {
+    let a = ours.into_data().try_to_vec::<f32>().unwrap();
+    let b = burn.into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    eprintln!("{what}: worst {:.2e} of scale {scale}", worst / scale);
+    assert!(
+        worst <= bar * scale,
+        "{what}: max |diff| {worst} (scale {scale})"
+    );
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
@@ -610,19 +632,9 @@ mod tests {
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
 
+    /// [`assert_close`] at 1e-5 of the scale.
     fn close(ours: Tensor<4>, burn: Tensor<4>, what: &str) {
-        let a = ours.into_data().try_to_vec::<f32>().unwrap();
-        let b = burn.into_data().try_to_vec::<f32>().unwrap();
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let worst = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            worst <= 1e-5 * scale,
-            "{what}: max |diff| {worst} (scale {scale})"
-        );
+        assert_close(ours, burn, 1e-5, what);
     }
 
     /// Forward, input and weight gradients equal Burn's own convolution on
