@@ -57,6 +57,7 @@ pub mod pack;
 pub mod report;
 pub mod resnet;
 mod simd;
+pub mod train_adam;
 #[cfg(feature = "flex")]
 pub mod train_bn;
 #[cfg(feature = "flex")]

@@ -4,7 +4,8 @@
 //!
 //! - Adam has PyTorch's epsilon (1e-8; Burn's default is 1e-5) and
 //!   `weight_decay` as PyTorch's Adam applies it (an L2 term added to the
-//!   gradient).
+//!   gradient). On flex each parameter's step is one in-place pass
+//!   ([`OnePassAdam`]), the same values as Burn's `Adam` bit for bit.
 //! - SGD's momentum has PyTorch's dampening, 0 (Burn's default is 0.1).
 //! - The step schedule is PyTorch's `StepLR(step_size=E, gamma=G)` stepped
 //!   once per epoch: Burn's scheduler steps once per batch, so it is given
@@ -14,6 +15,7 @@
 //!   head keeps `lr`.
 
 use avp_model::Stage;
+use avp_model::train_adam::{AdamStep, adam_update};
 use burn::config::Config;
 use burn::lr_scheduler::LrSchedulerConfig;
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
@@ -21,7 +23,12 @@ use burn::lr_scheduler::step::StepLrSchedulerConfig;
 use burn::module::ParamGroup;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, ModuleOptimizer, SgdConfig};
+
+use burn::optim::{
+    Adam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer,
+    SgdConfig,
+};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::error::TrainError;
 use crate::train::TrainConfig;
@@ -90,10 +97,7 @@ pub fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
     let decay =
         (config.weight_decay > 0.0).then(|| WeightDecayConfig::new(config.weight_decay as f32));
     match config.optimizer {
-        OptimizerKind::Adam => AdamConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(decay)
-            .init(),
+        OptimizerKind::Adam => OnePassAdam::new(decay.map(|d| d.penalty)).into(),
         OptimizerKind::Sgd => SgdConfig::new()
             .with_weight_decay(decay)
             .with_momentum((config.momentum > 0.0).then(|| {
@@ -103,6 +107,112 @@ pub fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
                     .with_nesterov(false)
             }))
             .init(),
+    }
+}
+
+/// Adam's β₁ and β₂ (PyTorch's and Burn's defaults) and PyTorch's ε.
+const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
+const ADAM_EPSILON: f32 = 1e-8;
+
+/// Burn's `Adam` (PyTorch's ε, L2 weight decay), with each parameter's step
+/// on the flex device as one in-place pass
+/// ([`avp_model::train_adam::adam_update`]) instead of Burn's dozen tensor
+/// operations: the same `f32` arithmetic in the same order, so the same
+/// values (a test compares the two bit for bit), and Burn's `AdamState`,
+/// so checkpoints are Burn's `Adam`'s. Other devices and dtypes run
+/// Burn's `Adam` itself.
+#[derive(Clone)]
+pub struct OnePassAdam {
+    burn: Adam,
+    weight_decay: Option<f32>,
+}
+
+impl OnePassAdam {
+    /// Adam with the L2 penalty `weight_decay` (`None`: none).
+    pub fn new(weight_decay: Option<f32>) -> Self {
+        let burn = AdamConfig::new()
+            .with_beta_1(ADAM_BETAS.0)
+            .with_beta_2(ADAM_BETAS.1)
+            .with_epsilon(ADAM_EPSILON)
+            .with_weight_decay(weight_decay.map(WeightDecayConfig::new))
+            .build();
+        Self { burn, weight_decay }
+    }
+}
+
+impl Optimizer for OnePassAdam {
+    type State<const D: usize> = AdamState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamState<D>>,
+    ) -> (Tensor<D>, Option<AdamState<D>>) {
+        // The one-pass step takes f32 values of one shape on flex, and no
+        // AMSGrad state; anything else is Burn's `Adam`'s.
+        let f32s = |t: &Tensor<D>| t.dtype() == DType::F32 && t.dims() == tensor.dims();
+        let fits = avp_model::is_flex(&tensor.device())
+            && f32s(&tensor)
+            && f32s(&grad)
+            && state.as_ref().is_none_or(|s| {
+                f32s(&s.momentum.moment_1)
+                    && f32s(&s.momentum.moment_2)
+                    && s.momentum.max_moment_2.is_none()
+            });
+        if !fits {
+            return self.burn.step(lr, tensor, grad, state);
+        }
+        let device = tensor.device();
+        let shape = tensor.shape();
+        let (time, m1, m2) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                s.momentum.moment_1.into_data(),
+                s.momentum.moment_2.into_data(),
+            ),
+            None => (
+                1,
+                TensorData::zeros::<f32, _>(shape.clone()),
+                TensorData::zeros::<f32, _>(shape),
+            ),
+        };
+        // Zero-copy where flex holds the only reference (the usual case); a
+        // tensor shared with someone else is copied, not changed.
+        let (mut p, g, mut m1, mut m2) = (tensor.into_data(), grad.into_data(), m1, m2);
+        let step = AdamStep {
+            lr: lr as f32,
+            beta_1: ADAM_BETAS.0,
+            beta_2: ADAM_BETAS.1,
+            epsilon: ADAM_EPSILON,
+            weight_decay: self.weight_decay,
+            time: i32::try_from(time).unwrap_or(i32::MAX),
+        };
+        let done = match (
+            p.as_mut_slice::<f32>(),
+            g.as_slice::<f32>(),
+            m1.as_mut_slice::<f32>(),
+            m2.as_mut_slice::<f32>(),
+        ) {
+            (Ok(p), Ok(g), Ok(m1), Ok(m2)) => adam_update(&step, p, g, m1, m2).is_some(),
+            _ => false,
+        };
+        let tensor = |data: TensorData| Tensor::from_data(data, &device);
+        if !done {
+            // Unreachable after the checks above; nothing was changed, so
+            // Burn's `Adam` takes the step from the same values.
+            let state = (time > 1).then(|| {
+                AdamState::new(AdaptiveMomentumState::new(time - 1, tensor(m1), tensor(m2)))
+            });
+            return self.burn.step(lr, tensor(p), tensor(g), state);
+        }
+        let state = AdamState::new(AdaptiveMomentumState::new(time, tensor(m1), tensor(m2)));
+        (tensor(p), Some(state))
+    }
+
+    fn to_device<const D: usize>(state: AdamState<D>, device: &Device) -> AdamState<D> {
+        <Adam as Optimizer>::to_device(state, device)
     }
 }
 
@@ -226,6 +336,84 @@ pub(crate) fn validate(config: &TrainConfig) -> Result<(), TrainError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn values<const D: usize>(t: &Tensor<D>) -> Vec<u32> {
+        let data = t.to_data();
+        data.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// How many values of `a` and `b` differ in any bit.
+    fn differing<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> usize {
+        let (a, b) = (values(a), values(b));
+        a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+    }
+
+    /// Three steps of [`OnePassAdam`] and of Burn's `Adam` from the same
+    /// start give the same parameters and moments, bit for bit, with and
+    /// without weight decay, on every CPU device compiled in (the one-pass
+    /// step on flex, Burn's elsewhere); a tensor shared with the caller is
+    /// not changed under it.
+    #[test]
+    fn one_pass_adam_is_burns_adam_bit_for_bit() {
+        for name in ["flex", "ndarray"] {
+            let Ok(device) = avp_model::parse_device(name) else {
+                continue;
+            };
+            let wave = |seed: usize, n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 - 1001.0) / 997.0)
+                    .collect()
+            };
+            // Two of the one-pass step's parallel chunks and a remainder.
+            let shape = [3, 25_000];
+            let n = shape[0] * shape[1];
+            let start = || Tensor::<2>::from_data(TensorData::new(wave(0, n), shape), &device);
+            for decay in [None, Some(0.05f32)] {
+                let ours = OnePassAdam::new(decay);
+                let burn = AdamConfig::new()
+                    .with_epsilon(1e-8)
+                    .with_weight_decay(decay.map(WeightDecayConfig::new))
+                    .build();
+                let (mut p_ours, mut p_burn) = (start(), start());
+                let (mut s_ours, mut s_burn) = (None, None);
+                for step in 1..=3 {
+                    let grad =
+                        Tensor::<2>::from_data(TensorData::new(wave(step, n), shape), &device);
+                    let shared = p_ours.clone();
+                    let before = values(&shared);
+                    (p_ours, s_ours) = ours.step(1e-3, p_ours, grad.clone(), s_ours);
+                    (p_burn, s_burn) = burn.step(1e-3, p_burn, grad, s_burn);
+                    assert!(values(&shared) == before, "{name}: a shared tensor changed");
+                    assert!(
+                        differing(&p_ours, &shared) > n / 2,
+                        "{name}: the step left most values"
+                    );
+                    assert_eq!(
+                        differing(&p_ours, &p_burn),
+                        0,
+                        "{name} step {step}: parameters"
+                    );
+                    let a = &s_ours.as_ref().unwrap().momentum;
+                    let b = &s_burn.as_ref().unwrap().momentum;
+                    assert_eq!(a.time, b.time);
+                    assert_eq!(
+                        differing(&a.moment_1, &b.moment_1),
+                        0,
+                        "{name}: first moments"
+                    );
+                    assert_eq!(
+                        differing(&a.moment_2, &b.moment_2),
+                        0,
+                        "{name}: second moments"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn stage_lists_run_to_layer4() {
