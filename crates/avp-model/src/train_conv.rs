@@ -345,9 +345,11 @@ fn product(
 /// `gemm`, they ran at 30% of the peak of a 2-core AVX-512 Xeon, and one
 /// per thread at about 57%.
 ///
-/// The outputs interleave (`dst[i]` starts `i · dst_step` floats in, its
-/// rows `rs` apart): they must not overlap, which holds when
-/// `n ≤ dst_step` and `(count - 1) · dst_step + n ≤ rs`, asserted below.
+/// `dst[i]` starts `i · dst_step` floats in, its rows `rs` apart. The
+/// outputs must not overlap, which holds when they interleave within rows
+/// (`n ≤ dst_step` and `(count - 1) · dst_step + n ≤ rs`) or each is a
+/// block of whole rows (`n ≤ rs` and `(m - 1) · rs + n ≤ dst_step`),
+/// asserted below.
 #[allow(unsafe_code)]
 fn interleaved_products(
     count: usize,
@@ -363,8 +365,12 @@ fn interleaved_products(
     let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.rs + (cols - 1) * s.cs;
     let ds = Strides { rs: d_rs, cs: 1 };
     // Disjoint outputs: each product owns columns `i·step .. i·step + n`
-    // of every row, and all of them fit in one row.
-    assert!(n <= d_step && (count - 1) * d_step + n <= d_rs);
+    // of every row, and all of them fit in one row (or each product's rows
+    // are a block of their own, after the last row of the one before).
+    assert!(
+        (n <= d_step && (count - 1) * d_step + n <= d_rs)
+            || (n <= d_rs && (m - 1) * d_rs + n <= d_step)
+    );
     assert!((count - 1) * d_step + last(m, n, ds) < dst.len());
     if k == 0 {
         dst.fill(0.0);
@@ -380,9 +386,9 @@ fn interleaved_products(
         // product reads inside `lhs` and `rhs`, and every element it
         // writes inside `dst`, which is borrowed mutably for the whole
         // call (so it aliases neither operand). Products write disjoint
-        // elements of `dst` (distinct column ranges of each row, the rows
-        // `d_rs` apart): no two threads write the same float, and nothing
-        // reads `dst` (`read_dst` is false).
+        // elements of `dst` (distinct column ranges of each row, or blocks
+        // of distinct rows; the rows `d_rs` apart): no two threads write
+        // the same float, and nothing reads `dst` (`read_dst` is false).
         unsafe {
             let out = (dst_at as *mut f32).add(i * d_step);
             gemm::gemm(

@@ -25,8 +25,10 @@
 //! in f32: the fused path applies `G` in f64, once at load, but here the
 //! weights change at every step, and f64 made a layer's forward and
 //! backward a quarter slower with no gain the tests below could see.
-//! Channels are the vector lanes (16 at a time); the maps move to NHWC for
-//! the transforms and back. A 7x7 map (`layer4` at 224x224) takes 2x2
+//! Channels are the vector lanes (16 at a time) in every transform but the
+//! forward's output transform, whose lanes are tiles (it reads `M` with
+//! the tiles contiguous and writes NCHW); the maps move to NHWC for the
+//! other transforms and back. A 7x7 map (`layer4` at 224x224) takes 2x2
 //! tiles of F(4x4): 144 products per channel pair and image against
 //! the direct convolution's 441.
 
@@ -328,37 +330,52 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         u
     }
 
-    /// `Y = Aᵀ M A` of each tile, as NHWC `[N, OH·OW, O]`.
-    fn output_transform(&self, m: &[f32]) -> Buf {
+    /// `Y = Aᵀ M A` of each tile of `M [α², O, T]`, as NCHW `[N, O, OH·OW]`.
+    /// The tiles are the lanes (16 consecutive tiles: for a 7x7 map, four
+    /// images), each lane's pixels stored into its own image.
+    fn output_transform(&self, m: &[f32]) -> Vec<f32> {
         let g = self.g;
-        let (o, per) = (g.o, self.tiles.per_image());
-        let mut y = scratch(g.n * g.p() * o);
-        par_chunks(&mut y, g.p() * o, |b, img| {
-            for r in 0..per {
-                let t = b * per + r;
-                let (_, ty, tx) = self.tile(t);
-                let src = &m[t * A * A * o..][..A * A * o];
-                for lo in (0..o).step_by(LANES) {
-                    let mut mm = [[[0f32; LANES]; A]; A];
-                    for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
-                        *lanes = load(&src[xi * o..][..o], lo);
-                    }
-                    let ty_ = two_sided(W::AT_X, &mm, W::AT_X);
-                    for (i, yrow) in ty_.iter().enumerate() {
-                        let oy = ty * M + i;
-                        if oy >= g.oh {
-                            break;
-                        }
-                        for (j, lanes) in yrow.iter().enumerate() {
-                            let ox = tx * M + j;
-                            if ox >= g.ow {
-                                break;
+        let (o, t_all, p) = (g.o, self.t(), g.p());
+        let per = self.tiles.per_image();
+        // Images a task: enough for a whole lane group of tiles when an
+        // image has fewer (and a task writes a block of whole images).
+        let images = (LANES / per.max(1)).max(1);
+        let mut y = vec![0f32; g.n * o * p];
+        par_chunks(&mut y, images * o * p, |chunk, out| {
+            crate::simd::widest(
+                #[inline(always)]
+                || {
+                    let b0 = chunk * images;
+                    let (t_lo, t_hi) = (b0 * per, ((b0 + images) * per).min(t_all));
+                    for oi in 0..o {
+                        for t0 in (t_lo..t_hi).step_by(LANES) {
+                            let mut mm = [[[0f32; LANES]; A]; A];
+                            for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
+                                let row = &m[(xi * o + oi) * t_all..][t_lo..t_hi];
+                                *lanes = load(row, t0 - t_lo);
                             }
-                            store(&mut img[(oy * g.ow + ox) * o..][..o], lo, lanes);
+                            let ty_ = two_sided(W::AT_X, &mm, W::AT_X);
+                            for l in 0..(t_hi - t0).min(LANES) {
+                                let (b, ty, tx) = self.tile(t0 + l);
+                                let plane = &mut out[((b - b0) * o + oi) * p..][..p];
+                                for (i, yrow) in ty_.iter().enumerate() {
+                                    let oy = ty * M + i;
+                                    if oy >= g.oh {
+                                        break;
+                                    }
+                                    for (j, lanes) in yrow.iter().enumerate() {
+                                        let ox = tx * M + j;
+                                        if ox >= g.ow {
+                                            break;
+                                        }
+                                        plane[oy * g.ow + ox] = lanes[l];
+                                    }
+                                }
+                            }
                         }
                     }
-                }
-            }
+                },
+            )
         });
         y
     }
@@ -481,13 +498,19 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
         let u = self.weight_transform(w);
         let mut m = scratch(t * A * A * o);
-        // M[ξ] [T, O] = V[ξ] [T, C] · U[ξ] [C, O]
+        // M[ξ]ᵀ [O, T] = U[ξ]ᵀ [O, C] · V[ξ]ᵀ [C, T], each ξ a block of
+        // `M [α², O, T]`. (`gemm` computes it as `M[ξ] = V[ξ] · U[ξ]` with
+        // the tiles as its vector dimension: it gathers `V[ξ]`'s 128x512
+        // at `layer4`, and reads `U[ξ]` in place. Written `[T, α², O]`,
+        // the product had the output channels as that dimension, and
+        // `gemm` gathered `U[ξ]`, four times larger: 12.5–14.7 ms against
+        // 8.8–11.0 ms for the product in a timing probe.)
         Self::products(
-            (t, o, c),
-            (&mut m, A * A * o, o),
-            (&v, rows(A * A * c), c),
+            (o, t, c),
+            (&mut m, t, o * t),
+            (&u, rows(A * A * c), c),
             (
-                &u,
+                &v,
                 Strides {
                     rs: 1,
                     cs: A * A * c,
@@ -495,7 +518,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
                 c,
             ),
         );
-        let y = to_nchw(&self.output_transform(&m), g.n, o, g.p());
+        let y = self.output_transform(&m);
         (y, keep.then_some((v, u)))
     }
 
