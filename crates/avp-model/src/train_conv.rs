@@ -46,6 +46,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 mod winograd;
 
@@ -518,10 +519,75 @@ fn flex_forward(
 ) -> (FlexTensor, Option<winograd::Kept>) {
     let g = geometry(x, weight, stride, pad);
     let (out, kept) = match winograd_variant(&g) {
-        Some(v) => winograd::forward(&values(x), &values(weight), &g, v, keep),
+        Some(v) if !keep => (untracked_winograd(x, weight, &g, v), None),
+        Some(v) => {
+            // Training: the weights change at every step, and the cache's
+            // entries would only hold old weights and their `U`.
+            if let Ok(mut cache) = TRANSFORMED.lock() {
+                cache.clear();
+            }
+            winograd::forward(&values(x), &values(weight), &g, v, keep)
+        }
         None => (forward_f32(&values(x), &values(weight), &g), None),
     };
     (flex_tensor(out, [g.n, g.o, g.oh, g.ow]), kept)
+}
+
+/// Weights and their Winograd transform `U`, kept between untracked
+/// forwards (validation, inference): a fine-tuning run's validation
+/// batches all run the same weights, and `U` took about 5 ms of each
+/// `layer4` convolution's 18 ms at batch 32. An entry holds a clone of
+/// the weight tensor, so its buffer can neither be freed (and its address
+/// reused by other weights) nor changed in place (flex changes a tensor in
+/// place only when nothing else holds it): the same buffer, at the same
+/// offset and length, holds the same values.
+static TRANSFORMED: std::sync::Mutex<Vec<(FlexTensor, winograd::Transformed)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The most bytes of `U` the cache keeps (the five Winograd convolutions
+/// of a ResNet18 `layer4` take 189 MB); the oldest entries go first.
+const TRANSFORMED_MAX_BYTES: usize = 256 << 20;
+
+/// The forward of an untracked Winograd convolution, its `U` from the
+/// cache when it holds these very weights.
+fn untracked_winograd(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    g: &Geometry,
+    v: winograd::Variant,
+) -> Vec<f32> {
+    let w = values(weight);
+    let x = values(x);
+    // Weights that are a copy (not contiguous in their buffer) have no
+    // buffer to recognise them by.
+    if matches!(w, Cow::Owned(_)) {
+        return winograd::forward(&x, &w, g, v, false).0;
+    }
+    let same = |t: &FlexTensor, u: &winograd::Transformed| {
+        let c = values(t);
+        matches!(c, Cow::Borrowed(_))
+            && c.as_ptr() == w.as_ptr()
+            && c.len() == w.len()
+            && u.variant() == v
+    };
+    // Out of the cache while it runs (the lock is not held meanwhile).
+    let found = TRANSFORMED.lock().ok().and_then(|mut cache| {
+        let i = cache.iter().position(|(t, u)| same(t, u))?;
+        Some(cache.remove(i))
+    });
+    let entry = found.unwrap_or_else(|| (weight.clone(), winograd::transformed(&w, g, v)));
+    let y = winograd::forward_with(&x, &entry.1, g)
+        .unwrap_or_else(|| winograd::forward(&x, &w, g, v, false).0);
+    if let Ok(mut cache) = TRANSFORMED.lock() {
+        // Most recent last; the oldest go while the cache is over its size.
+        cache.push(entry);
+        while cache.iter().map(|(_, u)| u.bytes()).sum::<usize>() > TRANSFORMED_MAX_BYTES
+            && cache.len() > 1
+        {
+            cache.remove(0);
+        }
+    }
+    y
 }
 
 /// A tracked forward's [`winograd::Kept`] operands, taken (and their
@@ -724,6 +790,60 @@ mod tests {
             conv2d(&plain, xi.clone()),
             plain.forward(xi),
             "plain flex forward",
+        );
+    }
+
+    /// Untracked Winograd forwards, which may take `U` from the cache, give
+    /// the output of the Winograd forward itself, bit for bit: again with
+    /// the same weights, with other weights, and after a tracked forward
+    /// (other tests share the cache, so a hit is not asserted).
+    #[test]
+    fn untracked_forwards_never_see_an_old_u() {
+        let device = Device::flex();
+        let layer = |seed: f64| {
+            let mut conv = Conv2dConfig::new([8, 8], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(&device);
+            conv.weight = burn::module::Param::from_tensor(Tensor::random(
+                [8, 8, 3, 3],
+                Distribution::Normal(seed, 1.0),
+                &device,
+            ));
+            conv
+        };
+        let bits =
+            |t: Tensor<4>| -> Vec<u32> { t.into_data().iter::<f32>().map(f32::to_bits).collect() };
+        // The forward without the cache: the Winograd forward itself.
+        let uncached = |conv: &Conv2d, x: &Tensor<4>| -> Vec<u32> {
+            let xv = x.clone().into_data().try_to_vec::<f32>().unwrap();
+            let wv = conv.weight.val().into_data().try_to_vec::<f32>().unwrap();
+            let g = Geometry::new([2, 8, 8, 8], [8, 8, 3, 3], [1, 1], [1; 4]).unwrap();
+            let v = winograd_variant(&g).unwrap();
+            let y = winograd::forward(&xv, &wv, &g, v, false).0;
+            y.iter().map(|v| v.to_bits()).collect()
+        };
+        let x = Tensor::<4>::random([2, 8, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let (a, b) = (layer(0.0), layer(3.0));
+        let first = bits(conv2d(&a, x.clone()));
+        assert_eq!(first, uncached(&a, &x), "first forward");
+        assert_eq!(bits(conv2d(&a, x.clone())), first, "from the cache");
+        let other = bits(conv2d(&b, x.clone()));
+        assert_eq!(other, uncached(&b, &x), "other weights");
+        assert_ne!(other, first);
+        assert_eq!(
+            bits(conv2d(&a, x.clone())),
+            first,
+            "the first weights again"
+        );
+        // A tracked forward empties the cache; the untracked one after it
+        // still gives the same output.
+        let tracked = a.clone().to_device(&device.clone().autodiff());
+        let _ = conv2d(&tracked, x.clone().to_device(&device.clone().autodiff()));
+        assert_eq!(
+            bits(conv2d(&a, x.clone())),
+            first,
+            "after a tracked forward"
         );
     }
 

@@ -493,10 +493,16 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
 
     /// The NCHW output, and `V` and `U` when `keep`.
     fn forward(&self, x: &[f32], w: &[f32], keep: bool) -> (Vec<f32>, Option<(Buf, Buf)>) {
+        let u = self.weight_transform(w);
+        let (y, v) = self.forward_with(x, &u);
+        (y, keep.then_some((v, u)))
+    }
+
+    /// The NCHW output from the transformed weights `U`, and `V`.
+    fn forward_with(&self, x: &[f32], u: &[f32]) -> (Vec<f32>, Buf) {
         let g = self.g;
         let (t, c, o) = (self.t(), g.c, g.o);
         let v = self.input_transform(&to_nhwc(x, g.n, c, g.h * g.w));
-        let u = self.weight_transform(w);
         let mut m = scratch(t * A * A * o);
         // M[ξ]ᵀ [O, T] = U[ξ]ᵀ [O, C] · V[ξ]ᵀ [C, T], each ξ a block of
         // `M [α², O, T]`. (`gemm` computes it as `M[ξ] = V[ξ] · U[ξ]` with
@@ -508,7 +514,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         Self::products(
             (o, t, c),
             (&mut m, t, o * t),
-            (&u, rows(A * A * c), c),
+            (u, rows(A * A * c), c),
             (
                 &v,
                 Strides {
@@ -518,8 +524,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
                 c,
             ),
         );
-        let y = self.output_transform(&m);
-        (y, keep.then_some((v, u)))
+        (self.output_transform(&m), v)
     }
 
     /// The weight gradient and, when asked, the input gradient; `V` and
@@ -604,6 +609,49 @@ pub(super) fn forward(
         Variant::F4 => Plan::<6, 4, F4>::new(g).forward(x, w, keep),
     };
     (y, kept.map(|(v, u)| Kept { variant, v, u }))
+}
+
+/// The transformed weights `U` of a variant, for [`forward_with`].
+pub(super) struct Transformed {
+    variant: Variant,
+    u: Buf,
+}
+
+impl Transformed {
+    /// The variant it was transformed for.
+    pub(super) fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Its size in bytes.
+    pub(super) fn bytes(&self) -> usize {
+        self.u.len * std::mem::size_of::<f32>()
+    }
+}
+
+/// `U` of the weights `w` (Burn's `[O, C, 3, 3]`) for this geometry.
+pub(super) fn transformed(w: &[f32], g: &Geometry, variant: Variant) -> Transformed {
+    let u = match variant {
+        Variant::F2 => Plan::<4, 2, F2>::new(g).weight_transform(w),
+        Variant::F4 => Plan::<6, 4, F4>::new(g).weight_transform(w),
+    };
+    Transformed { variant, u }
+}
+
+/// The NCHW output of the forward from weights transformed earlier, or
+/// `None` when they are not this geometry's.
+pub(super) fn forward_with(x: &[f32], u: &Transformed, g: &Geometry) -> Option<Vec<f32>> {
+    let (a2, len) = match u.variant {
+        Variant::F2 => (16, u.u.len),
+        Variant::F4 => (36, u.u.len),
+    };
+    if len != a2 * g.o * g.c {
+        return None;
+    }
+    Some(match u.variant {
+        Variant::F2 => Plan::<4, 2, F2>::new(g).forward_with(x, &u.u).0,
+        Variant::F4 => Plan::<6, 4, F4>::new(g).forward_with(x, &u.u).0,
+    })
 }
 
 /// The weight gradient (Burn's `[O, C, 3, 3]`) and, with `input_grad`,
