@@ -243,6 +243,18 @@ pub fn adam_step<const D: usize>(
 mod tests {
     use super::*;
 
+    /// Step `time` of the lesson's Adam (lr 1e-3, PyTorch's betas and ε).
+    fn lesson_step(time: i32, weight_decay: Option<f32>) -> AdamStep {
+        AdamStep {
+            lr: 1e-3,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay,
+            time,
+        }
+    }
+
     /// Against the formula written out in `f64`: the in-place pass is
     /// Adam (the bit-for-bit comparison with Burn's `Adam` is in
     /// `avp-train`, where the optimiser is).
@@ -259,14 +271,7 @@ mod tests {
         let start = p.clone();
         let mut expected: Vec<(f64, f64, f64)> = p.iter().map(|&x| (x as f64, 0.0, 0.0)).collect();
         for time in 1..=2 {
-            let step = AdamStep {
-                lr: 1e-3,
-                beta_1: 0.9,
-                beta_2: 0.999,
-                epsilon: 1e-8,
-                weight_decay: Some(0.01),
-                time,
-            };
+            let step = lesson_step(time, Some(0.01));
             adam_update(&step, &mut p, &g, &mut m, &mut v).unwrap();
             for ((pe, me, ve), &gi) in expected.iter_mut().zip(&g) {
                 let gi = gi as f64 + 0.01 * *pe;
@@ -301,14 +306,7 @@ mod tests {
         let g: Vec<f32> = (0..n)
             .map(|i| ((i * 17) % 89) as f32 / 44.0 - 0.9)
             .collect();
-        let step = AdamStep {
-            lr: 1e-3,
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: 1e-8,
-            weight_decay: Some(0.01),
-            time: 3,
-        };
+        let step = lesson_step(3, Some(0.01));
         let moments = || {
             (
                 (0..n).map(|i| i as f32 * 1e-6).collect::<Vec<f32>>(),
@@ -332,14 +330,7 @@ mod tests {
 
     #[test]
     fn lengths_that_differ_change_nothing() {
-        let step = AdamStep {
-            lr: 1e-3,
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: 1e-8,
-            weight_decay: None,
-            time: 1,
-        };
+        let step = lesson_step(1, None);
         let mut p = vec![1f32; 4];
         let (mut m, mut v) = (vec![0f32; 4], vec![0f32; 3]);
         assert!(adam_update(&step, &mut p, &[1.0; 4], &mut m, &mut v).is_none());
