@@ -80,10 +80,11 @@ thread_local! {
 const POOL_MAX: usize = 16;
 
 /// A scratch buffer of `len` floats from [`POOL`], given back when
-/// dropped. Its contents are whatever the last user left: every user
-/// writes all of it before reading.
+/// dropped, starting on a 64-byte boundary. Its contents are whatever the
+/// last user left: every user writes all of it before reading.
 struct Buf {
     v: Vec<f32>,
+    start: usize,
     len: usize,
 }
 
@@ -93,28 +94,35 @@ fn scratch(len: usize) -> Buf {
             let mut p = p.borrow_mut();
             // The smallest buffer that holds `len`, else the largest.
             let fit = (0..p.len())
-                .filter(|&i| p[i].len() >= len)
+                .filter(|&i| p[i].len() >= len + 16)
                 .min_by_key(|&i| p[i].len())
                 .or_else(|| (0..p.len()).max_by_key(|&i| p[i].len()));
             fit.map(|i| p.swap_remove(i)).unwrap_or_default()
         })
         .unwrap_or_default();
-    if v.len() < len {
-        v.resize(len, 0.0);
+    // Room to start on a 64-byte boundary (a cache line: see
+    // `store_streaming`).
+    if v.len() < len + 16 {
+        v.resize(len + 16, 0.0);
     }
-    Buf { v, len }
+    let start = (v.as_ptr() as usize).next_multiple_of(64) - v.as_ptr() as usize;
+    Buf {
+        v,
+        start: start / std::mem::size_of::<f32>(),
+        len,
+    }
 }
 
 impl std::ops::Deref for Buf {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.v[..self.len]
+        &self.v[self.start..][..self.len]
     }
 }
 
 impl std::ops::DerefMut for Buf {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.v[..self.len]
+        &mut self.v[self.start..][..self.len]
     }
 }
 
@@ -191,7 +199,10 @@ fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
 /// 55 ms forward and backward, where writing their 38 MB takes 1 ms. Run
 /// inside `widest` with `G` as trait methods they took the same; with
 /// `two_sided` written as loops instead of `std::array::from_fn`, whose
-/// closures did not inline, 5.1 and 2.3 ms.)
+/// closures did not inline, 5.1 and 2.3 ms. The weight transform then
+/// spent its time on the stores of `U`, each line read in before being
+/// written: with the taps transposed first and `U` written by
+/// non-temporal stores into a 64-byte-aligned buffer, 2.8 ms.)
 fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
     dst.par_chunks_mut(len)
         .enumerate()
@@ -220,6 +231,46 @@ fn store(row: &mut [f32], lo: usize, v: &Lanes) {
     }
     let k = row.len().saturating_sub(lo).min(LANES);
     row[lo..lo + k].copy_from_slice(&v[..k]);
+}
+
+/// [`store`] with non-temporal stores where the lanes are one whole cache
+/// line (64-byte aligned, on x86-64): written past the caches, without
+/// reading each line in first. For the weight transform's 38 MB `U` at `layer4`, which nothing
+/// reads before it is all written and which outgrows the caches anyway.
+/// The writer calls [`streamed`] when done.
+#[inline(always)]
+fn store_streaming(row: &mut [f32], lo: usize, v: &Lanes) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(d) = row.get_mut(lo..lo + LANES) {
+        let p = d.as_mut_ptr();
+        if (p as usize).is_multiple_of(64) {
+            #[allow(unsafe_code)]
+            // SAFETY: `d` is `LANES` floats from `p` (a multiple of four),
+            // each 4-float store stays inside it, and `p` is 64-byte (so
+            // 16-byte) aligned as `_mm_stream_ps` needs; `v` holds `LANES`
+            // floats.
+            unsafe {
+                use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+                for i in (0..LANES).step_by(4) {
+                    _mm_stream_ps(p.add(i), _mm_loadu_ps(v.as_ptr().add(i)));
+                }
+            }
+            return;
+        }
+    }
+    store(row, lo, v);
+}
+
+/// Orders a thread's non-temporal stores before what it does next (the end
+/// of its task, after which other threads read them).
+#[inline(always)]
+fn streamed() {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: a store fence has no operands and no other effect.
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
+    }
 }
 
 /// Adds `v` into the lanes `lo .. lo + LANES` of a row (those inside it).
@@ -304,29 +355,37 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
     fn weight_transform(&self, w: &[f32]) -> Buf {
         let (c, o) = (self.g.c, self.g.o);
         let mut u = scratch(o * A * A * c);
-        par_chunks(&mut u, A * A * c, |oi, out| {
-            crate::simd::widest(
-                #[inline(always)]
-                || {
-                    let w = &w[oi * c * 9..][..c * 9];
-                    for lo in (0..c).step_by(LANES) {
-                        // The 3x3 taps of this lane group's channels, a
-                        // tap a lane group.
-                        let mut k = [[[0f32; LANES]; 3]; 3];
-                        let n = (c - lo).min(LANES);
-                        for (l, taps) in w[lo * 9..][..n * 9].chunks_exact(9).enumerate() {
-                            for (tap, &v) in taps.iter().enumerate() {
-                                k[tap / 3][tap % 3][l] = v;
+        u.par_chunks_mut(A * A * c).enumerate().for_each_init(
+            || vec![0f32; 9 * c],
+            |taps, (oi, out)| {
+                crate::simd::widest(
+                    #[inline(always)]
+                    || {
+                        // This output channel's `[C][3][3]` as `[3·3][C]`
+                        // first, so that a tap's lane group is one load
+                        // below (gathered into the lanes one float at a
+                        // time, each group was read back right after
+                        // sixteen stores to it, a store-forwarding stall).
+                        for (ci, k) in w[oi * c * 9..][..c * 9].chunks_exact(9).enumerate() {
+                            for (tap, &v) in k.iter().enumerate() {
+                                taps[tap * c + ci] = v;
                             }
                         }
-                        let tu = two_sided(W::g, &k, W::g);
-                        for (xi, lanes) in tu.iter().flatten().enumerate() {
-                            store(&mut out[xi * c..][..c], lo, lanes);
+                        for lo in (0..c).step_by(LANES) {
+                            let mut k = [[[0f32; LANES]; 3]; 3];
+                            for (tap, lanes) in k.iter_mut().flatten().enumerate() {
+                                *lanes = load(&taps[tap * c..][..c], lo);
+                            }
+                            let tu = two_sided(W::g, &k, W::g);
+                            for (xi, lanes) in tu.iter().flatten().enumerate() {
+                                store_streaming(&mut out[xi * c..][..c], lo, lanes);
+                            }
                         }
-                    }
-                },
-            )
-        });
+                    },
+                );
+                streamed();
+            },
+        );
         u
     }
 
