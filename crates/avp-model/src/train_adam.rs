@@ -132,6 +132,7 @@ pub fn adam_update(
 /// [`adam_update`] reading the parameter from `param` and writing the
 /// stepped values to `out` (every one of them), the moments in place.
 /// `None` (and nothing written) when the lengths differ.
+#[cfg(feature = "flex")]
 fn adam_update_into(
     step: &AdamStep,
     param: &[f32],

@@ -209,7 +209,8 @@ impl Forward<6, 4> for F4 {
 /// A variant's weight transform `G` (3 taps to α) and its transpose,
 /// as methods, for the same reason as [`Forward`]: the trained stages'
 /// weight transform and weight gradient run them inside
-/// [`crate::simd::widest`].
+/// [`crate::simd::widest`]. (Those exist with the flex backend only.)
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) trait Weights<const A: usize> {
     fn g(k: &[Lanes; 3]) -> [Lanes; A];
     fn gt(u: &[Lanes; A]) -> [Lanes; 3];
@@ -320,7 +321,9 @@ pub(crate) fn at6(m: &[Lanes; 6]) -> [Lanes; 4] {
 /// loops: built with `std::array::from_fn`, the closures stayed calls and
 /// every block went through the stack (the training path's weight
 /// transform took 7.8 ms instead of 5.1 at batch 32, see
-/// `train_conv::winograd`).
+/// `train_conv::winograd`; the trained stages exist with the flex backend
+/// only).
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn two_sided<const I: usize, const J: usize, const P: usize, const Q: usize>(
     l: impl Fn(&[Lanes; J]) -> [Lanes; I],
