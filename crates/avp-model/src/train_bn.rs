@@ -148,7 +148,7 @@ fn forward_f32(
     let hw = h * w;
     let (mean, var) = channel_stats(x, dims);
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
-    let mut y = vec![0f32; x.len()];
+    let mut y = crate::train_conv::zeros(x.len());
     y.par_chunks_mut(hw.max(1))
         .zip(x.par_chunks(hw.max(1)))
         .enumerate()
@@ -209,7 +209,7 @@ fn backward_f32(
             )
         })
         .unzip();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = crate::train_conv::zeros(x.len());
     dx.par_chunks_mut(hw.max(1))
         .enumerate()
         .for_each(|(plane, out)| {

@@ -174,7 +174,7 @@ fn to_nhwc(x: &[f32], n: usize, c: usize, hw: usize) -> Buf {
 
 /// NHWC `[n, hw, c]` to NCHW `[n, c, hw]`.
 fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * c * hw];
+    let mut out = super::zeros(n * c * hw);
     out.par_chunks_mut(c * hw).enumerate().for_each(|(b, img)| {
         let src = &x[b * hw * c..][..hw * c];
         for (ci, plane) in img.chunks_mut(hw).enumerate() {
@@ -399,7 +399,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         // Images a task: enough for a whole lane group of tiles when an
         // image has fewer (and a task writes a block of whole images).
         let images = (LANES / per.max(1)).max(1);
-        let mut y = vec![0f32; g.n * o * p];
+        let mut y = super::zeros(g.n * o * p);
         par_chunks(&mut y, images * o * p, |chunk, out| {
             crate::simd::widest(
                 #[inline(always)]
@@ -476,7 +476,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
     /// Burn's `[O, C, 3, 3]`.
     fn weight_adjoint(&self, du: &[f32]) -> Vec<f32> {
         let (c, o) = (self.g.c, self.g.o);
-        let mut gw = vec![0f32; o * c * 9];
+        let mut gw = super::zeros(o * c * 9);
         par_chunks(&mut gw, c * 9, |oi, out| {
             crate::simd::widest(
                 #[inline(always)]
@@ -508,7 +508,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         let (c, per) = (g.c, self.tiles.per_image());
         // Patches overlap: the sums start from zero.
         let mut gx = scratch(g.n * g.h * g.w * c);
-        gx.fill(0.0);
+        gx.par_chunks_mut(1 << 16).for_each(|z| z.fill(0.0));
         par_chunks(&mut gx, g.h * g.w * c, |b, img| {
             for r in 0..per {
                 let t = b * per + r;
