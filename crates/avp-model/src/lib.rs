@@ -62,6 +62,8 @@ pub mod train_adam;
 pub mod train_bn;
 #[cfg(feature = "flex")]
 pub mod train_conv;
+#[cfg(feature = "flex")]
+pub mod train_relu;
 pub mod weights;
 mod winograd_lanes;
 

@@ -422,12 +422,38 @@ impl Block {
             Some(ds) => batch_norm(&ds.bn, conv(&ds.conv, x.clone()), bn),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, conv(&self.conv1, x), bn));
+        let mut out = trained_relu(batch_norm(&self.bn1, conv(&self.conv1, x), bn));
         out = batch_norm(&self.bn2, conv(&self.conv2, out), bn);
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv(conv3, relu(out)), bn);
+            out = batch_norm(bn3, conv(conv3, trained_relu(out)), bn);
         }
-        relu(out + identity)
+        trained_add_relu(out, identity)
+    }
+}
+
+/// A trained stage's ReLU: [`crate::train_relu::relu`] (over rayon's
+/// threads) where the flex backend is compiled in, Burn's otherwise.
+fn trained_relu(x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    {
+        crate::train_relu::relu(x)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        relu(x)
+    }
+}
+
+/// `relu(a + b)`, the end of a trained residual block, as
+/// [`trained_relu`] chooses.
+fn trained_add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    {
+        crate::train_relu::add_relu(a, b)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        relu(a + b)
     }
 }
 
@@ -567,7 +593,7 @@ impl ResNetStages {
     /// says.
     pub fn forward_map(&self, mut x: Tensor<4>, bn: BatchNormUse) -> Tensor<4> {
         if let Some(stem) = &self.stem {
-            x = relu(batch_norm(&stem.bn1, trained_conv(&stem.conv1, x), bn));
+            x = trained_relu(batch_norm(&stem.bn1, trained_conv(&stem.conv1, x), bn));
             x = stem.maxpool.forward(x);
         }
         for block in self
