@@ -818,8 +818,8 @@ mod tests {
                 let (gw, gx) = backward(&x, &wt, &gy, &g, variant, true, None);
                 let gy_t = swap_batch(&gy, n, o, g.p(), true);
                 let errors = [
-                    worst(&y, &forward_f32(&x, &wt, &g)),
-                    worst(&gw, &weight_grad_f32(&x, &gy_t, &g)),
+                    worst(&y, &forward_f32(&x, &wt, &g, false).0),
+                    worst(&gw, &weight_grad_f32(&x, &gy_t, &g, None)),
                     worst(gx.as_deref().unwrap(), &input_grad_f32(&wt, &gy_t, &g)),
                 ];
                 eprintln!("{what}: forward, weight and input gradients off by {errors:?}");
