@@ -356,6 +356,43 @@ fn checkpoint_complete(out_dir: &Path, epoch: usize) -> bool {
     })
 }
 
+/// When burn-train writes checkpoints: after every epoch but the last,
+/// the two latest kept (Burn's default keeps them after the last epoch too,
+/// and the epoch with the lowest validation loss). A run resumes only from
+/// an epoch before its last ([`resume_point`]), and a finished run writes
+/// `model.bpk` itself, so the last epoch's checkpoint was never read: for
+/// fine-tuning a ResNet18 `layer4` it is 158 MB, and writing a checkpoint
+/// took 0.3–0.4 s of an epoch on 2 cores (two cached epochs 14.3 s without
+/// checkpoints against 15.0 s with them, alternating runs).
+struct EveryEpochButTheLast {
+    epochs: usize,
+}
+
+impl burn::train::checkpoint::CheckpointingStrategy for EveryEpochButTheLast {
+    fn checkpointing(
+        &mut self,
+        epoch: usize,
+        _: &burn::train::metric::store::EventStoreClient,
+    ) -> Vec<burn::train::checkpoint::CheckpointingAction> {
+        checkpoint_actions(epoch, self.epochs)
+    }
+}
+
+/// [`EveryEpochButTheLast`]'s actions after `epoch` (from 1) of `epochs`.
+fn checkpoint_actions(
+    epoch: usize,
+    epochs: usize,
+) -> Vec<burn::train::checkpoint::CheckpointingAction> {
+    use burn::train::checkpoint::CheckpointingAction::{Delete, Save};
+    if epoch >= epochs {
+        return Vec::new();
+    }
+    match epoch.checked_sub(2).filter(|&e| e > 0) {
+        Some(old) => vec![Save, Delete(old)],
+        None => vec![Save],
+    }
+}
+
 /// Why the checkpoint of `epoch` cannot be restored, if it cannot: each of
 /// its three files is read back as burn-train will read it (a truncated
 /// file used to make burn-train panic on every rerun).
@@ -586,6 +623,9 @@ where
         .metric_valid_numeric(metric(false, Phase::Valid))
         .num_epochs(run.config.epochs)
         .with_default_checkpointers()
+        .with_checkpointing_strategy(EveryEpochButTheLast {
+            epochs: run.config.epochs,
+        })
         .with_training_strategy(TrainingStrategy::Default(run.strategy))
         .with_interrupter(interrupter)
         .with_progress_logger(logger);
@@ -1234,6 +1274,24 @@ mod tests {
     use super::*;
     use crate::cache::FeatureTable;
     use burn::data::dataloader::split::split_dataloader;
+
+    /// Checkpoints after every epoch but the last, the two latest kept.
+    #[test]
+    fn checkpoints_every_epoch_but_the_last() {
+        use burn::train::checkpoint::CheckpointingAction::{Delete, Save};
+        let actions: Vec<_> = (1..=5).map(|e| checkpoint_actions(e, 5)).collect();
+        assert_eq!(
+            actions,
+            [
+                vec![Save],
+                vec![Save],
+                vec![Save, Delete(1)],
+                vec![Save, Delete(2)],
+                vec![],
+            ]
+        );
+        assert!(checkpoint_actions(1, 1).is_empty());
+    }
 
     /// A fixed table: `len` rows of `width` pseudo-random features, the
     /// class a function of the features (so the head has something to
