@@ -101,6 +101,15 @@ pub fn for_le_bytes_f32(
     values: &[f32],
     mut f: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    if cfg!(target_endian = "little") {
+        // The values' own bytes are little-endian already: no copy (the
+        // copy, once for the checksum and once for the file, took about
+        // half of the 0.5–0.6 s that storing a 140 MB cache took).
+        for piece in values.chunks(1 << 18) {
+            f(bytemuck::cast_slice(piece))?;
+        }
+        return Ok(());
+    }
     let mut buf = Vec::with_capacity(1 << 16);
     for piece in values.chunks(1 << 14) {
         buf.clear();
