@@ -64,6 +64,14 @@ struct Scalars {
 }
 
 impl Scalars {
+    /// Never inlined: `β₂^t` comes out of `powi`, and where a caller's
+    /// step number is a constant (a test's), the inlined `powi` was folded
+    /// at compile time and differed by an ulp from the run-time one; with
+    /// `1 − β₂^t` near 0.003 at step 3, that moved every step by about
+    /// 2e-5 of itself, and the in-place and new-buffer passes of one build
+    /// differed (`into_a_new_buffer_equals_in_place`). One compiled
+    /// function gives every caller the same constants.
+    #[inline(never)]
     fn new(step: &AdamStep) -> Self {
         let bias_2_sqrt = (1.0 - step.beta_2.powi(step.time)).sqrt();
         Self {
