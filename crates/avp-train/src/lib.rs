@@ -23,6 +23,7 @@
 pub mod artifacts;
 pub mod bridge;
 pub mod cache;
+mod checkpoint;
 pub mod classifier;
 mod error;
 pub mod featfile;
