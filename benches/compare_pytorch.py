@@ -83,6 +83,12 @@ any Python that has torch, torchvision, onnx and onnxruntime):
   .venv/bin/python benches/compare_pytorch.py --data ../shared/data/alien_vs_predator_thumbnails/data
   .venv/bin/python benches/compare_pytorch.py --rows infer50-b8,lesson18 --out target/speed.json
   .venv/bin/python benches/compare_pytorch.py --rows infer50-b8 --peers onnxruntime
+  .venv/bin/python benches/compare_pytorch.py --rows finetune18-cache --train-rounds 3
+
+Training rows run each side once by default; on a machine whose speed
+drifts between runs (this project's VM: PyTorch's fine-tuning took 130 to
+157 s in three runs in a row), --train-rounds N alternates the sides N
+times and reports medians.
 
 The Burn binaries are built first with the project's single build profile
 (`cargo build --features ndarray,wgpu --examples`, the profile of the tests
@@ -265,6 +271,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="inference rows: alternating rounds of every side; the median images/s is kept")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--train-rounds", type=int, default=1,
+                    help="training rows: run every side this many times, alternating "
+                         "(avp, PyTorch, avp, ...), each from a fresh cache and run folder, "
+                         "and report each side's median wall time (every round's is kept "
+                         "in the JSON as rounds_seconds)")
     ap.add_argument("--device", default="flex")
     ap.add_argument("--work", default=os.path.join(ROOT, "target", "compare-pytorch"))
     ap.add_argument("--out", help="also write the rows as JSON here")
@@ -354,12 +365,15 @@ def main():
         peer_cache[(peer, batch, round_)] = r
         return r
 
-    def median_side(runs):
-        """The run with the median images/s, with every run's numbers and
-        the highest peak RSS."""
-        ranked = sorted(runs, key=lambda r: r["images_per_second"])
+    train_round = 0
+
+    def median_side(runs, key="images_per_second"):
+        """The run with the median `key` (images/s, or a training row's wall
+        time), with every run's `key` as rounds_<key> and the highest peak
+        RSS."""
+        ranked = sorted(runs, key=lambda r: r[key])
         m = dict(ranked[len(ranked) // 2])
-        m["rounds_images_per_second"] = [r["images_per_second"] for r in runs]
+        m[f"rounds_{key}"] = [r[key] for r in runs]
         m["rss_mb"] = max(r["rss_mb"] for r in runs)
         return m
 
@@ -382,6 +396,8 @@ def main():
                     burn_kernels_unfolded=burn["unfolded"])
 
     def training_side(label, cmd, env, name, tag, flops, pytorch_json=None, valid_reuse=False):
+        if train_round:
+            tag = f"{tag}.{train_round}"
         s, rss, text = run(cmd, env, log(name, tag))
         acc = (json.load(open(pytorch_json))["runs"][0]["final_valid_acc"] if pytorch_json
                else final_acc(text))
@@ -438,36 +454,44 @@ def main():
             # keep both splits on disk anyway).
             reuse = not cache and name != "lesson50bn"
             reuse_flops = training_flops(net, n_train, n_valid, args.epochs, trained, valid_reuse=True)
-            sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp",
-                                   reuse_flops if reuse else flops, valid_reuse=reuse)]
-            if reuse and args.valid_reuse_sides:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                sides.append(training_side(f"avp ({args.device}), validation recomputed every epoch",
-                                           burn_cmd + ["--no-valid-reuse"], burn_env, name, "avp-no-reuse", flops))
-            conv_sides = [("burn", "Burn's convolutions in the trained stages", args.burn_conv_side),
-                          ("direct", "the trained stages' convolutions without Winograd", args.direct_conv_side)]
-            for conv, label, wanted in conv_sides:
-                if not (trained and wanted):
-                    continue
-                for d in (cache_dir, run_dir):  # as fresh as the first side's run
-                    shutil.rmtree(d, ignore_errors=True)
-                sides.append(training_side(f"avp ({args.device}), {label}",
-                                           burn_cmd, dict(burn_env, AVP_TRAIN_CONV=conv), name,
-                                           f"avp-{conv}-conv", flops))
-            engines = ["torch"] if (r50 or trained) else ["onnxruntime", "torch"]
-            for engine in engines:
-                pj = os.path.join(args.work, f"{name}.pytorch-{engine}.json")
-                cmd = torch_cmd + ["--out", pj] + (["--engine", engine] if net == "mlnet" and not trained else [])
-                label = (f"PyTorch {versions['torch']}" if r50 else
-                         f"PyTorch {versions['torch']}, backbone in {'torch' if engine == 'torch' else 'onnxruntime'}")
-                sides.append(training_side(label, cmd, None, name, f"pytorch-{engine}", flops, pj))
-            if args.valid_reuse_sides and not (cache or trained or r50):
-                # The reference script keeps a frozen mlnet's validation
-                # outputs unless told not to.
-                pj = os.path.join(args.work, f"{name}.pytorch-torch-reuse.json")
-                cmd = [c for c in torch_cmd if c != "--no-valid-reuse"] + ["--out", pj, "--engine", "torch"]
-                sides.append(training_side(f"PyTorch {versions['torch']}, backbone in torch, validation outputs kept",
-                                           cmd, None, name, "pytorch-torch-reuse", reuse_flops, pj, valid_reuse=True))
+            rounds = []
+            for train_round in range(args.train_rounds):
+                if train_round:
+                    for d in (cache_dir, run_dir):  # every round a fresh run
+                        shutil.rmtree(d, ignore_errors=True)
+                sides = [training_side(f"avp ({args.device})", burn_cmd, burn_env, name, "avp",
+                                       reuse_flops if reuse else flops, valid_reuse=reuse)]
+                if reuse and args.valid_reuse_sides:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    sides.append(training_side(f"avp ({args.device}), validation recomputed every epoch",
+                                               burn_cmd + ["--no-valid-reuse"], burn_env, name, "avp-no-reuse", flops))
+                conv_sides = [("burn", "Burn's convolutions in the trained stages", args.burn_conv_side),
+                              ("direct", "the trained stages' convolutions without Winograd", args.direct_conv_side)]
+                for conv, label, wanted in conv_sides:
+                    if not (trained and wanted):
+                        continue
+                    for d in (cache_dir, run_dir):  # as fresh as the first side's run
+                        shutil.rmtree(d, ignore_errors=True)
+                    sides.append(training_side(f"avp ({args.device}), {label}",
+                                               burn_cmd, dict(burn_env, AVP_TRAIN_CONV=conv), name,
+                                               f"avp-{conv}-conv", flops))
+                engines = ["torch"] if (r50 or trained) else ["onnxruntime", "torch"]
+                for engine in engines:
+                    pj = os.path.join(args.work, f"{name}.pytorch-{engine}.json")
+                    cmd = torch_cmd + ["--out", pj] + (["--engine", engine] if net == "mlnet" and not trained else [])
+                    label = (f"PyTorch {versions['torch']}" if r50 else
+                             f"PyTorch {versions['torch']}, backbone in {'torch' if engine == 'torch' else 'onnxruntime'}")
+                    sides.append(training_side(label, cmd, None, name, f"pytorch-{engine}", flops, pj))
+                if args.valid_reuse_sides and not (cache or trained or r50):
+                    # The reference script keeps a frozen mlnet's validation
+                    # outputs unless told not to.
+                    pj = os.path.join(args.work, f"{name}.pytorch-torch-reuse.json")
+                    cmd = [c for c in torch_cmd if c != "--no-valid-reuse"] + ["--out", pj, "--engine", "torch"]
+                    sides.append(training_side(f"PyTorch {versions['torch']}, backbone in torch, validation outputs kept",
+                                               cmd, None, name, "pytorch-torch-reuse", reuse_flops, pj, valid_reuse=True))
+                rounds.append(sides)
+            train_round = 0
+            sides = [median_side([rnd[j] for rnd in rounds], "seconds") for j in range(len(rounds[0]))]
             results.append({"row": name, "what": what, "kind": "training", "flops": flops, "sides": sides})
         for sd in results[-1]["sides"]:
             sd["fraction_of_peak"] = sd["gflops"] / peak

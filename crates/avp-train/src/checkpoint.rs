@@ -16,7 +16,7 @@
 //! Nothing about the files changes: they are burn-train's
 //! [`FileCheckpointer`]'s, written to a scratch file, flushed to disk and
 //! renamed into place, so a kill mid-write leaves the previous checkpoint
-//! and no partial one. A checkpoint still being written when the next one
+//! and no partial file under a checkpoint's name. A checkpoint still being written when the next one
 //! is due holds the training back until it is done (burn-train hands each
 //! record over through a rendezvous channel), exactly as before.
 
