@@ -137,6 +137,7 @@ fn channel_stats(x: &[f32], [n, c, h, w]: [usize; 4]) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// `y` and, per channel, `μ` and `1/√(σ² + ε)`.
+#[allow(unsafe_code)]
 fn forward_f32(
     x: &[f32],
     dims: [usize; 4],
@@ -148,23 +149,28 @@ fn forward_f32(
     let hw = h * w;
     let (mean, var) = channel_stats(x, dims);
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
-    let mut y = crate::train_conv::zeros(x.len());
-    y.par_chunks_mut(hw.max(1))
-        .zip(x.par_chunks(hw.max(1)))
-        .enumerate()
-        .for_each(|(plane, (out, src))| {
-            let ci = plane % c;
-            let scale = gamma[ci] as f64 * inv[ci];
-            let shift = beta[ci] as f64 - mean[ci] * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
-            for (o, &v) in out.iter_mut().zip(src) {
-                *o = v * scale + shift;
-            }
-        });
+    let write = |y: &mut [std::mem::MaybeUninit<f32>]| {
+        y.par_chunks_mut(hw.max(1))
+            .zip(x.par_chunks(hw.max(1)))
+            .enumerate()
+            .for_each(|(plane, (out, src))| {
+                let ci = plane % c;
+                let scale = gamma[ci] as f64 * inv[ci];
+                let shift = beta[ci] as f64 - mean[ci] * scale;
+                let (scale, shift) = (scale as f32, shift as f32);
+                for (o, &v) in out.iter_mut().zip(src) {
+                    o.write(v * scale + shift);
+                }
+            });
+    };
+    // SAFETY: `y`'s planes pair with `x`'s (the same length), each element
+    // written from its input.
+    let y = unsafe { crate::train_conv::written(x.len(), write) };
     (y, mean, inv)
 }
 
 /// `∂x`, `∂γ` and `∂β` from the output gradient `g`.
+#[allow(unsafe_code)]
 fn backward_f32(
     x: &[f32],
     g: &[f32],
@@ -209,22 +215,26 @@ fn backward_f32(
             )
         })
         .unzip();
-    let mut dx = crate::train_conv::zeros(x.len());
-    dx.par_chunks_mut(hw.max(1))
-        .enumerate()
-        .for_each(|(plane, out)| {
-            let ci = plane % c;
-            let at = plane * hw;
-            let k = gamma[ci] as f64 * inv[ci];
-            let (mg, mgx) = (dbeta[ci] / count, dgamma[ci] / count);
-            // ∂x = k·(g − mg − x̂·mgx), x̂ = (x − μ)·inv: as a·g + b·x + d.
-            let a = k as f32;
-            let b = (-k * mgx * inv[ci]) as f32;
-            let d = (k * (mgx * inv[ci] * mean[ci] - mg)) as f32;
-            for ((o, &gv), &xv) in out.iter_mut().zip(&g[at..][..hw]).zip(&x[at..][..hw]) {
-                *o = a * gv + b * xv + d;
-            }
-        });
+    let write = |dx: &mut [std::mem::MaybeUninit<f32>]| {
+        dx.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(plane, out)| {
+                let ci = plane % c;
+                let at = plane * hw;
+                let k = gamma[ci] as f64 * inv[ci];
+                let (mg, mgx) = (dbeta[ci] / count, dgamma[ci] / count);
+                // ∂x = k·(g − mg − x̂·mgx), x̂ = (x − μ)·inv: as a·g + b·x + d.
+                let a = k as f32;
+                let b = (-k * mgx * inv[ci]) as f32;
+                let d = (k * (mgx * inv[ci] * mean[ci] - mg)) as f32;
+                for ((o, &gv), &xv) in out.iter_mut().zip(&g[at..][..hw]).zip(&x[at..][..hw]) {
+                    o.write(a * gv + b * xv + d);
+                }
+            });
+    };
+    // SAFETY: each plane of `dx` (`hw` long: `x.len()` is `n·c·hw`) is
+    // written whole from the same plane of `g` and `x`.
+    let dx = unsafe { crate::train_conv::written(x.len(), write) };
     let to_f32 = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect::<Vec<f32>>();
     (dx, to_f32(dgamma), to_f32(dbeta))
 }

@@ -47,6 +47,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 mod winograd;
 
@@ -218,43 +219,56 @@ impl Geometry {
 /// `colsᵀ [K, NP]` of NCHW `x`: row `(c·kh + ki)·kw + kj`, column
 /// `n·P + oy·OW + ox` holds `x[n, c, oy·sh + ki − pt, ox·sw + kj − pl]` (0
 /// in the padding).
+#[allow(unsafe_code)]
 fn im2col_t(x: &[f32], g: &Geometry) -> Vec<f32> {
     let (np, p, taps) = (g.np(), g.p(), g.kh * g.kw);
-    let mut cols = zeros(g.k() * np);
-    cols.par_chunks_mut(taps * np)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            for (tap, row) in rows.chunks_mut(np).enumerate() {
-                let (ki, kj) = (tap / g.kw, tap % g.kw);
-                let (lo, hi) = g.valid_range(kj);
-                if lo >= hi {
-                    continue;
-                }
-                for n in 0..g.n {
-                    let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
-                    for oy in 0..g.oh {
-                        let Some(iy) = Geometry::source(oy, ki, g.stride[0], g.pad[0], g.h) else {
-                            continue;
-                        };
-                        let src = &plane[iy * g.w..][..g.w];
-                        let dst = &mut row[n * p + oy * g.ow..][..g.ow];
-                        let ix0 = lo * g.stride[1] + kj - g.pad[1];
-                        if g.stride[1] == 1 {
-                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                        } else {
-                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[ix0 + i * g.stride[1]];
+    let zero = MaybeUninit::new(0.0);
+    let write = |cols: &mut [MaybeUninit<f32>]| {
+        if np == 0 {
+            return;
+        }
+        cols.par_chunks_mut(taps * np)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (tap, row) in rows.chunks_mut(np).enumerate() {
+                    let (ki, kj) = (tap / g.kw, tap % g.kw);
+                    let (lo, hi) = g.valid_range(kj);
+                    let (lo, hi) = (lo.min(g.ow), hi.min(g.ow).max(lo.min(g.ow)));
+                    for n in 0..g.n {
+                        let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+                        for oy in 0..g.oh {
+                            let dst = &mut row[n * p + oy * g.ow..][..g.ow];
+                            let source = Geometry::source(oy, ki, g.stride[0], g.pad[0], g.h);
+                            let Some(iy) = source.filter(|_| lo < hi) else {
+                                dst.fill(zero);
+                                continue;
+                            };
+                            let src = &plane[iy * g.w..][..g.w];
+                            dst[..lo].fill(zero);
+                            dst[hi..].fill(zero);
+                            let ix0 = lo * g.stride[1] + kj - g.pad[1];
+                            if g.stride[1] == 1 {
+                                put(&mut dst[lo..hi], &src[ix0..ix0 + (hi - lo)]);
+                            } else {
+                                for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                    d.write(src[ix0 + i * g.stride[1]]);
+                                }
                             }
                         }
                     }
                 }
-            }
-        });
-    cols
+            });
+    };
+    // SAFETY: the chunks tile `cols` (`C` blocks of `taps` rows of `NP`),
+    // and each row's `N·OH` runs of `OW` are written whole: zeros outside
+    // `lo..hi` (all of it where the source row is padding), the input
+    // inside.
+    unsafe { written(g.k() * np, write) }
 }
 
 /// The inverse scatter of [`im2col_t`]: `gx [N, C, H, W]` summed from
 /// `gcols [K, NP]`.
+#[allow(unsafe_code)]
 fn col2im(gcols: &[f32], g: &Geometry) -> Vec<f32> {
     let (np, p, taps, hw) = (g.np(), g.p(), g.kh * g.kw, g.h * g.w);
     // Channel-major while scattering, so that each thread owns whole
@@ -287,15 +301,20 @@ fn col2im(gcols: &[f32], g: &Geometry) -> Vec<f32> {
                 }
             }
         });
-    let mut gx = zeros(g.n * g.c * hw);
-    gx.par_chunks_mut(g.c * hw)
-        .enumerate()
-        .for_each(|(n, img)| {
-            for (c, plane) in img.chunks_mut(hw).enumerate() {
-                plane.copy_from_slice(&by_channel[(c * g.n + n) * hw..][..hw]);
-            }
-        });
-    gx
+    let write = |gx: &mut [MaybeUninit<f32>]| {
+        if hw == 0 {
+            return;
+        }
+        gx.par_chunks_mut(g.c * hw)
+            .enumerate()
+            .for_each(|(n, img)| {
+                for (c, plane) in img.chunks_mut(hw).enumerate() {
+                    put(plane, &by_channel[(c * g.n + n) * hw..][..hw]);
+                }
+            });
+    };
+    // SAFETY: the images' planes tile `gx`, each copied whole.
+    unsafe { written(g.n * g.c * hw, write) }
 }
 
 /// `len` zeros, written by rayon's threads. (`vec![0.0; len]` on memory
@@ -320,24 +339,93 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v
 }
 
-/// `[N, O, P]` (NCHW) from `[O, N·P]`, or back with `to_rows = true`.
-fn swap_batch(src: &[f32], n: usize, o: usize, p: usize, to_rows: bool) -> Vec<f32> {
-    let mut dst = zeros(n * o * p);
-    if to_rows {
-        // dst [O, N·P] from src [N, O, P]
-        dst.par_chunks_mut(n * p).enumerate().for_each(|(oi, row)| {
-            for ni in 0..n {
-                row[ni * p..][..p].copy_from_slice(&src[(ni * o + oi) * p..][..p]);
-            }
-        });
-    } else {
-        dst.par_chunks_mut(o * p).enumerate().for_each(|(ni, img)| {
-            for oi in 0..o {
-                img[oi * p..][..p].copy_from_slice(&src[oi * n * p + ni * p..][..p]);
-            }
-        });
+/// `len` floats, each written by `write`, which gets them uninitialized:
+/// a buffer that is overwritten whole needs no [`zeros`] first (the
+/// trained stages' outputs, products and transposes: 2–3% of a cached
+/// `layer4` epoch was `memset`, in a `perf` profile on a 2-core Xeon).
+///
+/// # Safety
+///
+/// `write` must initialize every element of the slice it is given (or
+/// panic).
+#[allow(unsafe_code)]
+pub(crate) unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    write(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `write` initialized each of the first `len`
+    // slots (a panic in it leaves `v` empty).
+    unsafe {
+        v.set_len(len);
     }
-    dst
+    v
+}
+
+/// Copies `src` into `dst` (of the same length).
+#[inline(always)]
+pub(crate) fn put(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(v);
+    }
+}
+
+/// `[N, O, P]` (NCHW) from `[O, N·P]`, or back with `to_rows = true`.
+#[allow(unsafe_code)]
+fn swap_batch(src: &[f32], n: usize, o: usize, p: usize, to_rows: bool) -> Vec<f32> {
+    let write = |dst: &mut [MaybeUninit<f32>]| {
+        if n * o * p == 0 {
+            return;
+        }
+        if to_rows {
+            // dst [O, N·P] from src [N, O, P]
+            dst.par_chunks_mut(n * p).enumerate().for_each(|(oi, row)| {
+                for ni in 0..n {
+                    put(&mut row[ni * p..][..p], &src[(ni * o + oi) * p..][..p]);
+                }
+            });
+        } else {
+            dst.par_chunks_mut(o * p).enumerate().for_each(|(ni, img)| {
+                for oi in 0..o {
+                    put(&mut img[oi * p..][..p], &src[oi * n * p + ni * p..][..p]);
+                }
+            });
+        }
+    };
+    // SAFETY: either way, the chunks tile `dst` and each is written whole
+    // (`n` runs of `p`, or `o` runs of `p`).
+    unsafe { written(n * o * p, write) }
+}
+
+/// Where [`interleaved_products`] write: floats, or room for them (which
+/// the products initialize: each element of the outputs they cover).
+trait Dst {
+    fn len(&self) -> usize;
+    fn start(&mut self) -> *mut f32;
+    fn zero(&mut self);
+}
+
+impl Dst for [f32] {
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
+    }
+    fn start(&mut self) -> *mut f32 {
+        self.as_mut_ptr()
+    }
+    fn zero(&mut self) {
+        self.fill(0.0);
+    }
+}
+
+impl Dst for [MaybeUninit<f32>] {
+    fn len(&self) -> usize {
+        <[MaybeUninit<f32>]>::len(self)
+    }
+    fn start(&mut self) -> *mut f32 {
+        self.as_mut_ptr().cast()
+    }
+    fn zero(&mut self) {
+        self.fill(MaybeUninit::new(0.0));
+    }
 }
 
 /// A matrix operand: elements `(i, j)` at `i·rs + j·cs`.
@@ -351,7 +439,7 @@ struct Strides {
 /// with any strides), split over rayon's threads by `gemm`.
 fn product(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    dst: &mut (impl Dst + ?Sized),
     (lhs, ls): (&[f32], Strides),
     (rhs, rs): (&[f32], Strides),
 ) {
@@ -377,7 +465,7 @@ fn product(
 fn interleaved_products(
     count: usize,
     (m, n, k): (usize, usize, usize),
-    (dst, d_rs, d_step): (&mut [f32], usize, usize),
+    (dst, d_rs, d_step): (&mut (impl Dst + ?Sized), usize, usize),
     (lhs, ls, l_step): (&[f32], Strides, usize),
     (rhs, rs, r_step): (&[f32], Strides, usize),
 ) {
@@ -396,14 +484,14 @@ fn interleaved_products(
     );
     assert!((count - 1) * d_step + last(m, n, ds) < dst.len());
     if k == 0 {
-        dst.fill(0.0);
+        dst.zero();
         return;
     }
     assert!((count - 1) * l_step + last(m, k, ls) < lhs.len());
     assert!((count - 1) * r_step + last(k, n, rs) < rhs.len());
     // The address crosses threads as an integer: a raw pointer is not
     // `Send`.
-    let dst_at = dst.as_mut_ptr() as usize;
+    let dst_at = dst.start() as usize;
     let run = |i: usize, parallelism: gemm::Parallelism| {
         // SAFETY: the assertions above keep every element the `i`-th
         // product reads inside `lhs` and `rhs`, and every element it
@@ -458,11 +546,16 @@ fn transposed(cols: usize) -> Strides {
 
 /// The output, and with `keep` the im2col columns for the weight
 /// gradient.
+#[allow(unsafe_code)]
 fn forward_f32(x: &[f32], w: &[f32], g: &Geometry, keep: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let (k, np) = (g.k(), g.np());
     let cols = im2col_t(x, g);
-    let mut out_t = zeros(g.o * np);
-    product((g.o, np, k), &mut out_t, (w, rows(k)), (&cols, rows(np)));
+    // SAFETY: the product writes each element of its `[O, NP]` output.
+    let out_t = unsafe {
+        written(g.o * np, |out| {
+            product((g.o, np, k), out, (w, rows(k)), (&cols, rows(np)))
+        })
+    };
     (
         swap_batch(&out_t, g.n, g.o, g.p(), false),
         keep.then_some(cols),
@@ -471,30 +564,34 @@ fn forward_f32(x: &[f32], w: &[f32], g: &Geometry, keep: bool) -> (Vec<f32>, Opt
 
 /// The weight gradient; the im2col columns from `kept` when the forward
 /// kept them (and their size fits), else computed again.
+#[allow(unsafe_code)]
 fn weight_grad_f32(x: &[f32], grad_t: &[f32], g: &Geometry, kept: Option<Vec<f32>>) -> Vec<f32> {
     let (k, np) = (g.k(), g.np());
     let cols = kept
         .filter(|c| c.len() == k * np)
         .unwrap_or_else(|| im2col_t(x, g));
-    let mut gw = zeros(g.o * k);
-    product(
-        (g.o, k, np),
-        &mut gw,
-        (grad_t, rows(np)),
-        (&cols, transposed(np)),
-    );
-    gw
+    // SAFETY: the product writes each element of its `[O, K]` output.
+    unsafe {
+        written(g.o * k, |gw| {
+            product(
+                (g.o, k, np),
+                gw,
+                (grad_t, rows(np)),
+                (&cols, transposed(np)),
+            )
+        })
+    }
 }
 
+#[allow(unsafe_code)]
 fn input_grad_f32(w: &[f32], grad_t: &[f32], g: &Geometry) -> Vec<f32> {
     let (k, np) = (g.k(), g.np());
-    let mut gcols = zeros(k * np);
-    product(
-        (k, np, g.o),
-        &mut gcols,
-        (w, transposed(k)),
-        (grad_t, rows(np)),
-    );
+    // SAFETY: the product writes each element of its `[K, NP]` output.
+    let gcols = unsafe {
+        written(k * np, |gcols| {
+            product((k, np, g.o), gcols, (w, transposed(k)), (grad_t, rows(np)))
+        })
+    };
     col2im(&gcols, g)
 }
 

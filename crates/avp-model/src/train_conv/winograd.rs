@@ -33,6 +33,7 @@
 //! the direct convolution's 441.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::{Geometry, Strides, interleaved_products, rows};
 use crate::winograd_lanes::{F2, F4, LANES, Lanes, Matrices, Weights, two_sided};
@@ -173,17 +174,23 @@ fn to_nhwc(x: &[f32], n: usize, c: usize, hw: usize) -> Buf {
 }
 
 /// NHWC `[n, hw, c]` to NCHW `[n, c, hw]`.
+#[allow(unsafe_code)]
 fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    let mut out = super::zeros(n * c * hw);
-    out.par_chunks_mut(c * hw).enumerate().for_each(|(b, img)| {
-        let src = &x[b * hw * c..][..hw * c];
-        for (ci, plane) in img.chunks_mut(hw).enumerate() {
-            for (p, v) in plane.iter_mut().enumerate() {
-                *v = src[p * c + ci];
-            }
+    let write = |out: &mut [MaybeUninit<f32>]| {
+        if hw == 0 {
+            return;
         }
-    });
-    out
+        out.par_chunks_mut(c * hw).enumerate().for_each(|(b, img)| {
+            let src = &x[b * hw * c..][..hw * c];
+            for (ci, plane) in img.chunks_mut(hw).enumerate() {
+                for (p, v) in plane.iter_mut().enumerate() {
+                    v.write(src[p * c + ci]);
+                }
+            }
+        });
+    };
+    // SAFETY: the images' planes tile `out`, each element written.
+    unsafe { super::written(n * c * hw, write) }
 }
 
 /// `f(i, chunk)` for the `i`-th `len`-long piece of `dst`, over rayon's
@@ -203,7 +210,7 @@ fn to_nchw(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
 /// spent its time on the stores of `U`, each line read in before being
 /// written: with the taps transposed first and `U` written by
 /// non-temporal stores into a 64-byte-aligned buffer, 2.8 ms.)
-fn par_chunks<F: Fn(usize, &mut [f32]) + Sync>(dst: &mut [f32], len: usize, f: F) {
+fn par_chunks<T: Send, F: Fn(usize, &mut [T]) + Sync>(dst: &mut [T], len: usize, f: F) {
     dst.par_chunks_mut(len)
         .enumerate()
         .for_each(|(i, out)| f(i, out));
@@ -392,6 +399,7 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
     /// `Y = Aᵀ M A` of each tile of `M [α², O, T]`, as NCHW `[N, O, OH·OW]`.
     /// The tiles are the lanes (16 consecutive tiles: for a 7x7 map, four
     /// images), each lane's pixels stored into its own image.
+    #[allow(unsafe_code)]
     fn output_transform(&self, m: &[f32]) -> Vec<f32> {
         let g = self.g;
         let (o, t_all, p) = (g.o, self.t(), g.p());
@@ -399,44 +407,51 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
         // Images a task: enough for a whole lane group of tiles when an
         // image has fewer (and a task writes a block of whole images).
         let images = (LANES / per.max(1)).max(1);
-        let mut y = super::zeros(g.n * o * p);
-        par_chunks(&mut y, images * o * p, |chunk, out| {
-            crate::simd::widest(
-                #[inline(always)]
-                || {
-                    let b0 = chunk * images;
-                    let (t_lo, t_hi) = (b0 * per, ((b0 + images) * per).min(t_all));
-                    for oi in 0..o {
-                        for t0 in (t_lo..t_hi).step_by(LANES) {
-                            let mut mm = [[[0f32; LANES]; A]; A];
-                            for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
-                                let row = &m[(xi * o + oi) * t_all..][t_lo..t_hi];
-                                *lanes = load(row, t0 - t_lo);
-                            }
-                            let ty_ = two_sided(W::AT_X, &mm, W::AT_X);
-                            for l in 0..(t_hi - t0).min(LANES) {
-                                let (b, ty, tx) = self.tile(t0 + l);
-                                let plane = &mut out[((b - b0) * o + oi) * p..][..p];
-                                for (i, yrow) in ty_.iter().enumerate() {
-                                    let oy = ty * M + i;
-                                    if oy >= g.oh {
-                                        break;
-                                    }
-                                    for (j, lanes) in yrow.iter().enumerate() {
-                                        let ox = tx * M + j;
-                                        if ox >= g.ow {
+        let write = |y: &mut [MaybeUninit<f32>]| {
+            if o * p == 0 {
+                return;
+            }
+            par_chunks(y, images * o * p, |chunk, out| {
+                crate::simd::widest(
+                    #[inline(always)]
+                    || {
+                        let b0 = chunk * images;
+                        let (t_lo, t_hi) = (b0 * per, ((b0 + images) * per).min(t_all));
+                        for oi in 0..o {
+                            for t0 in (t_lo..t_hi).step_by(LANES) {
+                                let mut mm = [[[0f32; LANES]; A]; A];
+                                for (xi, lanes) in mm.iter_mut().flatten().enumerate() {
+                                    let row = &m[(xi * o + oi) * t_all..][t_lo..t_hi];
+                                    *lanes = load(row, t0 - t_lo);
+                                }
+                                let ty_ = two_sided(W::AT_X, &mm, W::AT_X);
+                                for l in 0..(t_hi - t0).min(LANES) {
+                                    let (b, ty, tx) = self.tile(t0 + l);
+                                    let plane = &mut out[((b - b0) * o + oi) * p..][..p];
+                                    for (i, yrow) in ty_.iter().enumerate() {
+                                        let oy = ty * M + i;
+                                        if oy >= g.oh {
                                             break;
                                         }
-                                        plane[oy * g.ow + ox] = lanes[l];
+                                        for (j, lanes) in yrow.iter().enumerate() {
+                                            let ox = tx * M + j;
+                                            if ox >= g.ow {
+                                                break;
+                                            }
+                                            plane[oy * g.ow + ox].write(lanes[l]);
+                                        }
                                     }
                                 }
                             }
                         }
-                    }
-                },
-            )
-        });
-        y
+                    },
+                )
+            });
+        };
+        // SAFETY: each task's chunk is whole images, and each pixel of an
+        // image is in one of its tiles (`th·M ≥ OH`, `tw·M ≥ OW`), whose
+        // lane writes it for every output channel.
+        unsafe { super::written(g.n * o * p, write) }
     }
 
     /// `dM = A dY Aᵀ` of each tile from the NHWC output gradient, as
@@ -474,32 +489,40 @@ impl<'g, const A: usize, const M: usize, W: Matrices<A, M> + Weights<A>> Plan<'g
 
     /// `dg = Gᵀ dU G` for every channel pair of `dU [O, α², C]`, as
     /// Burn's `[O, C, 3, 3]`.
+    #[allow(unsafe_code)]
     fn weight_adjoint(&self, du: &[f32]) -> Vec<f32> {
         let (c, o) = (self.g.c, self.g.o);
-        let mut gw = super::zeros(o * c * 9);
-        par_chunks(&mut gw, c * 9, |oi, out| {
-            crate::simd::widest(
-                #[inline(always)]
-                || {
-                    let src = &du[oi * A * A * c..][..A * A * c];
-                    for lo in (0..c).step_by(LANES) {
-                        let mut u = [[[0f32; LANES]; A]; A];
-                        for (xi, lanes) in u.iter_mut().flatten().enumerate() {
-                            *lanes = load(&src[xi * c..][..c], lo);
-                        }
-                        let k = two_sided(W::gt, &u, W::gt);
-                        // Burn's `[C][3][3]`: a lane's nine taps together.
-                        let n = (c - lo).min(LANES);
-                        for (l, taps) in out[lo * 9..][..n * 9].chunks_exact_mut(9).enumerate() {
-                            for (tap, d) in taps.iter_mut().enumerate() {
-                                *d = k[tap / 3][tap % 3][l];
+        let write = |gw: &mut [MaybeUninit<f32>]| {
+            if c == 0 {
+                return;
+            }
+            par_chunks(gw, c * 9, |oi, out| {
+                crate::simd::widest(
+                    #[inline(always)]
+                    || {
+                        let src = &du[oi * A * A * c..][..A * A * c];
+                        for lo in (0..c).step_by(LANES) {
+                            let mut u = [[[0f32; LANES]; A]; A];
+                            for (xi, lanes) in u.iter_mut().flatten().enumerate() {
+                                *lanes = load(&src[xi * c..][..c], lo);
+                            }
+                            let k = two_sided(W::gt, &u, W::gt);
+                            // Burn's `[C][3][3]`: a lane's nine taps together.
+                            let n = (c - lo).min(LANES);
+                            for (l, taps) in out[lo * 9..][..n * 9].chunks_exact_mut(9).enumerate()
+                            {
+                                for (tap, d) in taps.iter_mut().enumerate() {
+                                    d.write(k[tap / 3][tap % 3][l]);
+                                }
                             }
                         }
-                    }
-                },
-            )
-        });
-        gw
+                    },
+                )
+            });
+        };
+        // SAFETY: the output channels' chunks tile `gw`, and each chunk's
+        // lane groups cover its `C` input channels, nine taps each.
+        unsafe { super::written(o * c * 9, write) }
     }
 
     /// `dd = B dV Bᵀ` of each tile added into the NHWC input gradient.
