@@ -665,6 +665,20 @@ fn flex_forward(
     (flex_tensor(out, [g.n, g.o, g.oh, g.ow]), kept)
 }
 
+/// Frees what the trained stages' convolutions keep between calls: the
+/// Winograd scratch buffers of the calling thread and of each thread of
+/// rayon's pool (up to 16 a thread, tens of MB each at `layer4`), and the
+/// transformed weights kept for untracked forwards (up to 256 MB).
+/// Training calls it when it ends, so that a program that goes on after
+/// fine-tuning does not hold them; a later call allocates them again.
+pub fn release_buffers() {
+    rayon::broadcast(|_| winograd::release_pool());
+    winograd::release_pool();
+    if let Ok(mut cache) = TRANSFORMED.lock() {
+        cache.clear();
+    }
+}
+
 /// Weights and their Winograd transform `U`, kept between untracked
 /// forwards (validation, inference): a fine-tuning run's validation
 /// batches all run the same weights, and `U` took about 5 ms of each
@@ -995,6 +1009,27 @@ mod tests {
             first,
             "after a tracked forward"
         );
+    }
+
+    /// A Winograd forward and backward leave their scratch buffers in the
+    /// calling thread's pool; `release_buffers` frees them.
+    #[test]
+    fn release_frees_the_scratch_buffers() {
+        let device = Device::flex().autodiff();
+        let conv = Conv2dConfig::new([8, 8], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(&device);
+        let x = Tensor::<4>::random([2, 8, 8, 8], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let g = conv2d(&conv, x.clone()).sum().backward();
+        assert!(x.grad(&g).is_some());
+        assert!(
+            winograd::pooled_bytes() > 0,
+            "the Winograd path kept no buffer"
+        );
+        release_buffers();
+        assert_eq!(winograd::pooled_bytes(), 0);
     }
 
     /// What the batched path does not take runs Burn's module.

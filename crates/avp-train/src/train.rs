@@ -667,7 +667,13 @@ where
                  run the same command with --restart to start afresh",
                     run.out_dir.display()
                 ))
-            })?;
+            });
+    // The trained stages' scratch buffers and kept weight transforms are
+    // freed when training ends, however it ends, and the allocator gives
+    // the memory back.
+    avp_model::train_conv::release_buffers();
+    return_free_memory();
+    let result = result?;
     let epochs = epochs.lock().map(|e| e.clone()).unwrap_or_default();
     if dashboard {
         // The dashboard owned the screen during training: the lesson's lines now.
@@ -687,6 +693,21 @@ where
     }
     Ok((result.model, epochs))
 }
+
+/// Hands the memory the allocator keeps free back to the system: after a
+/// cached `layer4` fine-tuning of the lesson, the freed buffers of
+/// training stayed in glibc's heap, and the process held 834 MB where it
+/// needed 530 MB (`VmRSS`, measured around this call).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_free_memory() {
+    // SAFETY: `malloc_trim` takes no pointer and only returns free memory
+    // of glibc's heaps to the system; pad 0 keeps nothing extra.
+    let _ = unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_free_memory() {}
 
 /// How several devices share one training run (see [`execution_strategy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -80,6 +80,23 @@ thread_local! {
 /// its forward for its backward ([`Kept`]).
 const POOL_MAX: usize = 16;
 
+/// Frees the buffers the calling thread's [`POOL`] keeps.
+pub(super) fn release_pool() {
+    let _ = POOL.try_with(|p| p.borrow_mut().clear());
+}
+
+/// The bytes the calling thread's [`POOL`] keeps.
+#[cfg(test)]
+pub(super) fn pooled_bytes() -> usize {
+    POOL.try_with(|p| {
+        p.borrow()
+            .iter()
+            .map(|v| v.capacity() * std::mem::size_of::<f32>())
+            .sum()
+    })
+    .unwrap_or(0)
+}
+
 /// A scratch buffer of `len` floats from [`POOL`], given back when
 /// dropped, starting on a 64-byte boundary. Its contents are whatever the
 /// last user left: every user writes all of it before reading.
