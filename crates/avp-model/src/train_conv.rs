@@ -613,6 +613,19 @@ pub(crate) fn flex_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// Whether `a` and `b` are views of the very same values: both contiguous
+/// in one buffer, at the same address, length and shape. The caches that
+/// recognise an earlier input this way hold a clone of it, so that its
+/// buffer can neither be freed (and its address reused) nor changed in
+/// place (flex changes a tensor in place only when nothing else holds it).
+pub(crate) fn same_values(a: &FlexTensor, b: &FlexTensor) -> bool {
+    let (x, y) = (values(a), values(b));
+    matches!((&x, &y), (Cow::Borrowed(_), Cow::Borrowed(_)))
+        && x.as_ptr() == y.as_ptr()
+        && x.len() == y.len()
+        && a.shape() == b.shape()
+}
+
 pub(crate) fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.shape();
     [s[0], s[1], s[2], s[3]]
@@ -683,10 +696,7 @@ pub fn release_buffers() {
 /// forwards (validation, inference): a fine-tuning run's validation
 /// batches all run the same weights, and `U` took about 5 ms of each
 /// `layer4` convolution's 18 ms at batch 32. An entry holds a clone of
-/// the weight tensor, so its buffer can neither be freed (and its address
-/// reused by other weights) nor changed in place (flex changes a tensor in
-/// place only when nothing else holds it): the same buffer, at the same
-/// offset and length, holds the same values.
+/// the weight tensor, by which [`same_values`] recognises those weights.
 static TRANSFORMED: std::sync::Mutex<Vec<(FlexTensor, winograd::Transformed)>> =
     std::sync::Mutex::new(Vec::new());
 
@@ -709,13 +719,8 @@ fn untracked_winograd(
     if matches!(w, Cow::Owned(_)) {
         return winograd::forward(&x, &w, g, v, false).0;
     }
-    let same = |t: &FlexTensor, u: &winograd::Transformed| {
-        let c = values(t);
-        matches!(c, Cow::Borrowed(_))
-            && c.as_ptr() == w.as_ptr()
-            && c.len() == w.len()
-            && u.variant() == v
-    };
+    let same =
+        |t: &FlexTensor, u: &winograd::Transformed| same_values(t, weight) && u.variant() == v;
     // Out of the cache while it runs (the lock is not held meanwhile).
     let found = TRANSFORMED.lock().ok().and_then(|mut cache| {
         let i = cache.iter().position(|(t, u)| same(t, u))?;
@@ -925,15 +930,20 @@ mod tests {
         }
     }
 
+    /// A bias-free 3x3 convolution padded by one on every side.
+    fn padded_3x3(cin: usize, cout: usize, device: &Device) -> Conv2d {
+        Conv2dConfig::new([cin, cout], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(device)
+    }
+
     /// An input off the tape (the frozen prefix's map) gets no gradient,
     /// the weights still do; the plain flex device runs the forward alone.
     #[test]
     fn untracked_input_and_plain_device() {
         let device = Device::flex().autodiff();
-        let conv = Conv2dConfig::new([4, 3], [3, 3])
-            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-            .with_bias(false)
-            .init(&device);
+        let conv = padded_3x3(4, 3, &device);
         let x = Tensor::<4>::random([2, 4, 6, 6], Distribution::Normal(0.0, 1.0), &device);
         let grads = conv2d(&conv, x.clone()).sum().backward();
         assert!(x.grad(&grads).is_none());
@@ -965,10 +975,7 @@ mod tests {
     fn untracked_forwards_never_see_an_old_u() {
         let device = Device::flex();
         let layer = |seed: f64| {
-            let mut conv = Conv2dConfig::new([8, 8], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .with_bias(false)
-                .init(&device);
+            let mut conv = padded_3x3(8, 8, &device);
             conv.weight = burn::module::Param::from_tensor(Tensor::random(
                 [8, 8, 3, 3],
                 Distribution::Normal(seed, 1.0),
@@ -1016,10 +1023,7 @@ mod tests {
     #[test]
     fn release_frees_the_scratch_buffers() {
         let device = Device::flex().autodiff();
-        let conv = Conv2dConfig::new([8, 8], [3, 3])
-            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-            .with_bias(false)
-            .init(&device);
+        let conv = padded_3x3(8, 8, &device);
         let x = Tensor::<4>::random([2, 8, 8, 8], Distribution::Normal(0.0, 1.0), &device)
             .require_grad();
         let g = conv2d(&conv, x.clone()).sum().backward();
