@@ -154,9 +154,9 @@ mod tests {
         assert!(again.iter().enumerate().all(|(i, &v)| v == i as f32 + 1.0));
     }
 
-    /// A truncated buffer that is dropped instead of given back leaves no
-    /// record that could lengthen another buffer, and a buffer that comes
-    /// back longer than it was handed out keeps its length.
+    /// A truncated buffer dropped instead of given back, and a buffer that
+    /// comes back longer than it was handed out, leave the lengths handed
+    /// out later as asked.
     #[test]
     fn only_the_lent_buffer_is_lengthened() {
         let buffers = Buffers::default();
