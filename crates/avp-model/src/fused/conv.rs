@@ -184,9 +184,9 @@ impl Conv {
                     .collect()
             }
         } else if self.split_columns(rows, threads) {
-            // Too few pixel rows to give every thread a full micro-kernel
-            // height (batch 1 in layer4: 49 rows): the threads share the
-            // output channels instead, each over all the rows.
+            // Too few pixel rows to share (batch 1 in layer4: 49 rows):
+            // the threads share the output channels instead, each over all
+            // the rows, so that each reads only its part of the weights.
             self.product_by_columns(x, (oh, ow), threads, &mut out);
             epilogue_in_tiles(&mut out)
         } else {
@@ -224,9 +224,13 @@ impl Conv {
 
     /// Whether [`Conv::run`] splits the product over output channels
     /// rather than pixel rows: when a row split would leave each thread
-    /// fewer rows than `gemm`'s AVX-512 micro-kernel is tall (64; its
-    /// masked remainder wastes the rest), and there are channels enough to
-    /// give every thread a block of 16 or more.
+    /// fewer than 64 rows, each thread would read the whole weight matrix
+    /// for those few rows, where a column split has each read its block of
+    /// the weights once for all the rows (`gemm` transposes a product with
+    /// a row-major output: the channels run along its micro-kernel's
+    /// height, the rows along its 6-wide side, so short row counts waste
+    /// little there); and when there are channels enough to give every
+    /// thread a block of 16 or more.
     fn split_columns(&self, rows: usize, threads: usize) -> bool {
         threads > 1
             && rows.div_ceil(threads) < SPLIT_COLUMNS_BELOW_ROWS
