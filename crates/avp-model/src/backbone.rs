@@ -78,18 +78,34 @@ struct Forms {
     /// The network on this device (the stored one on its own device: the
     /// same parameters and running statistics).
     network: ResNet,
-    /// The folded network and its fused pack: a snapshot of the running
-    /// statistics, dropped when a batch-statistics pass moves them.
+    /// The folded form (fused pack, or Burn's folded network): a snapshot
+    /// of the running statistics, dropped when a batch-statistics pass
+    /// moves them.
     folded: Mutex<Option<Arc<Folded>>>,
     /// The fused pack of the unfolded network (BatchNorm read at each
     /// call, so it never goes stale in a frozen backbone).
     fused_live: OnceLock<Option<FusedResNet>>,
 }
 
-/// A folded network and, when the kernels allow it, its fused pack.
+/// A folded network's fused pack, when the kernels allow one, and Burn's
+/// folded network where a pass needs it.
 struct Folded {
-    network: ResNet,
+    /// Made for the first pass on Burn's modules (no fused pack, or an
+    /// input the pack refuses) and kept from then on; never made beside a
+    /// fused pack that takes every pass, which holds the same weights
+    /// packed (ResNet50's folded network alone is 94 MB, a quarter of the
+    /// fused path's peak RSS at batch 1 when it was made).
+    network: OnceLock<ResNet>,
     fused: Option<FusedResNet>,
+}
+
+impl Folded {
+    /// Burn's folded network, folded from `stored` (the running
+    /// statistics this snapshot was made from: a pass that moves them
+    /// drops the snapshot) on first use.
+    fn network(&self, stored: &ResNet) -> &ResNet {
+        self.network.get_or_init(|| fold_batchnorm(stored))
+    }
 }
 
 /// A pretrained, headless-capable network, where it came from, what input
@@ -233,7 +249,12 @@ impl Backbone {
     /// are updated (PyTorch's `model.train()`), and a folded form made
     /// before is dropped so that the next folded pass sees them.
     pub fn features(&self, images: Tensor<4>, bn: BatchNormUse) -> Tensor<2> {
-        self.pass(images, bn, |net, fused, images| run(net, fused, images, bn))
+        self.pass(
+            images,
+            bn,
+            |fused, net, images| fused.forward_features(net, images, bn),
+            |net, images| global_pool(feature_map(net, images, bn, usize::MAX)),
+        )
     }
 
     /// The feature map entering `stage` (the images themselves for the
@@ -251,29 +272,49 @@ impl Backbone {
             return images.without_autodiff();
         }
         let blocks = self.network.blocks_before(stage);
-        self.pass(images, bn, |net, fused, images| {
-            run_map(net, fused, images, bn, blocks)
-        })
+        self.pass(
+            images,
+            bn,
+            |fused, net, images| fused.forward_map(net, images, bn, blocks),
+            |net, images| feature_map(net, images, bn, blocks),
+        )
     }
 
     /// One pass off the tape on the forms of the images' device: the
-    /// folded network (and its fused pack) for [`BatchNormUse::Folded`],
-    /// the network as stored otherwise. A [`BatchNormUse::Batch`] pass
-    /// moves the running statistics, so the folded snapshot is dropped.
+    /// folded form for [`BatchNormUse::Folded`], the network as stored
+    /// otherwise. `fused` runs the fused pack where there is one, given
+    /// the stored network (an unfolded pack reads its BatchNorm layers
+    /// there, a folded one reads none); `burn` runs Burn's modules where
+    /// there is no pack or the pack refuses the input (`None`). A
+    /// [`BatchNormUse::Batch`] pass moves the running statistics, so the
+    /// folded snapshot is dropped.
     fn pass<T>(
         &self,
         images: Tensor<4>,
         bn: BatchNormUse,
-        run: impl FnOnce(&ResNet, Option<&FusedResNet>, Tensor<4>) -> T,
+        fused: impl FnOnce(&FusedResNet, &ResNet, Tensor<4>) -> Option<T>,
+        burn: impl FnOnce(&ResNet, Tensor<4>) -> T,
     ) -> T {
         let images = images.without_autodiff();
         let forms = self.forms(&images.device());
         let out = match bn {
             BatchNormUse::Folded => {
                 let folded = self.folded(&forms);
-                run(&folded.network, folded.fused.as_ref(), images)
+                let packed = (folded.fused.as_ref())
+                    .and_then(|pack| fused(pack, &forms.network, images.clone()));
+                match packed {
+                    Some(out) => out,
+                    None => burn(folded.network(&forms.network), images),
+                }
             }
-            _ => run(&forms.network, self.fused_live(&forms), images),
+            _ => {
+                let packed = (self.fused_live(&forms))
+                    .and_then(|pack| fused(pack, &forms.network, images.clone()));
+                match packed {
+                    Some(out) => out,
+                    None => burn(&forms.network, images),
+                }
+            }
         };
         if bn == BatchNormUse::Batch {
             *forms.folded.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -333,12 +374,16 @@ impl Backbone {
         if let Some(f) = slot.as_ref() {
             return Arc::clone(f);
         }
-        let network = fold_batchnorm(&forms.network);
+        // Packed conv by conv: Burn's folded network is made only where a
+        // pass needs it ([`Folded::network`]).
         let fused = self
             .fused_allowed(&forms.device)
-            .then(|| FusedResNet::new(&network, true))
+            .then(|| FusedResNet::folding(&forms.network))
             .flatten();
-        let folded = Arc::new(Folded { network, fused });
+        let folded = Arc::new(Folded {
+            network: OnceLock::new(),
+            fused,
+        });
         *slot = Some(Arc::clone(&folded));
         folded
     }
@@ -353,34 +398,6 @@ impl Backbone {
             .get_or_init(|| FusedResNet::new(&forms.network, false))
             .as_ref()
     }
-}
-
-/// One pass: the fused pack when there is one and the input fits it,
-/// Burn's modules otherwise.
-fn run(
-    net: &ResNet,
-    fused: Option<&FusedResNet>,
-    images: Tensor<4>,
-    bn: BatchNormUse,
-) -> Tensor<2> {
-    if let Some(f) = fused.and_then(|p| p.forward_features(net, images.clone(), bn)) {
-        return f;
-    }
-    global_pool(feature_map(net, images, bn, usize::MAX))
-}
-
-/// [`run`] up to a stage boundary: the map after `blocks` blocks.
-fn run_map(
-    net: &ResNet,
-    fused: Option<&FusedResNet>,
-    images: Tensor<4>,
-    bn: BatchNormUse,
-    blocks: usize,
-) -> Tensor<4> {
-    if let Some(m) = fused.and_then(|p| p.forward_map(net, images.clone(), bn, blocks)) {
-        return m;
-    }
-    feature_map(net, images, bn, blocks)
 }
 
 /// The feature map after the stem and the first `blocks` residual blocks

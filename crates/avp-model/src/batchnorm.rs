@@ -117,7 +117,7 @@ fn burn_requested() -> bool {
 
 /// `conv` followed by `bn` (running statistics) as one convolution with a
 /// bias: `w' = w·γ/√(σ²+ε)`, `b' = (b − μ)·γ/√(σ²+ε) + β`.
-fn fold_into(conv: &Conv2d, bn: &BatchNorm) -> Conv2d {
+pub(crate) fn fold_into(conv: &Conv2d, bn: &BatchNorm) -> Conv2d {
     let var = bn.running_var.value_sync();
     let mean = bn.running_mean.value_sync();
     let scale = bn.gamma.val().div(var.add_scalar(bn.epsilon).sqrt());

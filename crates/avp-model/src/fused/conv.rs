@@ -7,6 +7,7 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::Map;
+use super::panels::Panels;
 use super::norm::{BatchStats, Pass, bias_residual_relu, bias_scale_shift, scale_shift};
 use super::winograd::{Tiles, Variant, Winograd, transform_weights};
 use super::{explicit, floats};
@@ -22,8 +23,13 @@ const MAX_TILE_ROWS: usize = 256;
 /// channels over the threads instead ([`Conv::split_columns`]).
 const SPLIT_COLUMNS_BELOW_ROWS: usize = 64;
 
+/// An F(4x4, 3x3) layer with more (input, output) channel pairs than this
+/// also keeps its weights as F(2x2, 3x3) ([`Conv::winograd_few`]).
+const F2_COPY_ABOVE_PAIRS: usize = 128 * 128;
+
 /// One convolution with its bias, weights packed as a `[kh·kw·cin, cout]`
-/// row-major matrix (the im2col row order is `ky, kx, cin`).
+/// matrix (the im2col row order is `ky, kx, cin`) in panels for `gemm`'s
+/// kernels (`panels.rs`).
 pub(super) struct Conv {
     pub(super) cin: usize,
     pub(super) cout: usize,
@@ -33,10 +39,14 @@ pub(super) struct Conv {
     /// top, left, bottom, right
     pub(super) pad: [usize; 4],
     /// Empty when the convolution runs as Winograd ([`Conv::winograd`]).
-    pub(super) weight: Vec<f32>,
+    pub(super) weight: Panels,
     /// A stride-1 3x3 convolution's weights transformed for Winograd
     /// F(2x2, 3x3) or F(4x4, 3x3) (`winograd.rs`).
     pub(super) winograd: Option<Winograd>,
+    /// The same weights as F(2x2, 3x3), beside an F(4x4) [`Conv::winograd`]
+    /// of a wide layer, for batches whose tiles are too few to share by
+    /// rows ([`Conv::winograd_for`]).
+    pub(super) winograd_few: Option<Winograd>,
     pub(super) bias: Vec<f32>,
     /// Index of the BatchNorm after this convolution in [`batchnorms`]
     /// order, for a network that is not folded.
@@ -63,6 +73,9 @@ impl Conv {
             return None;
         }
         if Self::winograd_shape(kh, kw, conv.stride) {
+            let variant = Variant::chosen(cin, cout);
+            let few = (variant == Variant::F4 && cin.saturating_mul(cout) > F2_COPY_ABOVE_PAIRS)
+                .then(|| transform_weights(&w, cin, cout, Variant::F2));
             return Some(Self {
                 cin,
                 cout,
@@ -70,20 +83,21 @@ impl Conv {
                 kw,
                 stride: conv.stride,
                 pad,
-                weight: Vec::new(),
-                winograd: Some(transform_weights(&w, cin, cout, Variant::chosen(cin, cout))),
+                weight: Panels::empty(),
+                winograd: Some(transform_weights(&w, cin, cout, variant)),
+                winograd_few: few,
                 bias,
                 bn,
             });
         }
-        let mut weight = vec![0.0; w.len()];
+        let mut rows = vec![0.0; w.len()];
         for co in 0..cout {
             for ci in 0..cin {
                 for ky in 0..kh {
                     for kx in 0..kw {
                         let src = ((co * cin + ci) * kh + ky) * kw + kx;
                         let dst = ((ky * kw + kx) * cin + ci) * cout + co;
-                        weight[dst] = w[src];
+                        rows[dst] = w[src];
                     }
                 }
             }
@@ -95,8 +109,9 @@ impl Conv {
             kw,
             stride: conv.stride,
             pad,
-            weight,
+            weight: Panels::new(&rows, kh * kw * cin, cout),
             winograd: None,
+            winograd_few: None,
             bias,
             bn,
         })
@@ -153,7 +168,7 @@ impl Conv {
                 })
                 .collect()
         };
-        let partial_sums: Vec<Vec<f64>> = if let Some(wino) = &self.winograd {
+        let partial_sums: Vec<Vec<f64>> = if let Some(wino) = self.winograd_for(x.n, oh, ow, threads) {
             let (u, tiles) = (&wino.u, Tiles::new(oh, ow, wino.variant));
             let count = x.n * tiles.th * tiles.tw;
             if self.split_columns(count, threads) {
@@ -222,6 +237,25 @@ impl Conv {
         })
     }
 
+    /// The Winograd weights [`Conv::run`] uses for `n` images giving `oh` x
+    /// `ow` outputs: the F(2x2) copy where there is one and the F(4x4)
+    /// tiles are too few to share by rows (`None` for a convolution that
+    /// does not run as Winograd).
+    pub(super) fn winograd_for(
+        &self,
+        n: usize,
+        oh: usize,
+        ow: usize,
+        threads: usize,
+    ) -> Option<&Winograd> {
+        let wino = self.winograd.as_ref()?;
+        let tiles = Tiles::new(oh, ow, wino.variant);
+        match &self.winograd_few {
+            Some(few) if self.split_columns(n * tiles.th * tiles.tw, threads) => Some(few),
+            _ => Some(wino),
+        }
+    }
+
     /// Whether [`Conv::run`] splits the product over output channels
     /// rather than pixel rows: when a row split would leave each thread
     /// fewer than 64 rows, each thread would read the whole weight matrix
@@ -264,15 +298,10 @@ impl Conv {
 
     /// `out = lhs · weight`, one block of output channels per thread.
     fn products_by_columns(&self, lhs: &[f32], threads: usize, out: &mut [f32]) {
-        let (cout, rows) = (self.cout, out.len() / self.cout);
+        let rows = out.len() / self.cout;
         let k = self.kh * self.kw * self.cin;
         self.by_columns(threads, out, |(lo, hi), block| {
-            gemm_strided(
-                (rows, hi - lo, k),
-                (lhs, k),
-                (&self.weight[lo..], cout),
-                (block, hi - lo),
-            );
+            (self.weight).product(rows, (lhs, k), (lo, hi), (block, hi - lo));
         });
     }
 
@@ -323,14 +352,14 @@ impl Conv {
         let k = self.kh * self.kw * self.cin;
         if self.is_pointwise() {
             let lhs = &x.data[r0 * k..(r0 + n_rows) * k];
-            gemm(n_rows, cout, k, lhs, &self.weight, dst);
+            (self.weight).product(n_rows, (lhs, k), (0, cout), (dst, cout));
         } else {
             // One im2col buffer per worker thread, kept across tiles and
             // layers: a fresh allocation per tile costs more in page faults
             // than the copy itself.
             COLUMNS.with_borrow_mut(|col| {
                 self.im2col(x, (oh, ow), r0, n_rows, col);
-                gemm(n_rows, cout, k, col, &self.weight, dst);
+                (self.weight).product(n_rows, (col, k), (0, cout), (dst, cout));
             });
         }
     }
@@ -494,11 +523,6 @@ pub(super) fn out_size(
     Some(((ph - k[0]) / stride[0] + 1, (pw - k[1]) / stride[1] + 1))
 }
 
-/// `c = a · b` for row-major `a: [m, k]`, `b: [k, n]`, `c: [m, n]`.
-fn gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    gemm_strided((m, n, k), (a, k), (b, n), (c, n));
-}
-
 /// `c = a · b` (`c` is written, not read) for row-major matrices with row
 /// strides: `a: [m, k]` (rows
 /// `a_rs` apart), `b: [k, n]` (rows `b_rs` apart: a block of columns of a
@@ -571,8 +595,9 @@ pub(super) mod tests {
             kw: k,
             stride: [stride, stride],
             pad: [pad; 4],
-            weight: fill(k * k * cin * cout, 7),
+            weight: Panels::new(&fill(k * k * cin * cout, 7), k * k * cin, cout),
             winograd: None,
+            winograd_few: None,
             bias: fill(cout, 11),
             bn: None,
         }
@@ -645,7 +670,7 @@ pub(super) mod tests {
                 .map(|i| {
                     let (r, o) = (i / c.cout, i % c.cout);
                     (0..k)
-                        .map(|j| col[r * k + j] as f64 * c.weight[j * c.cout + o] as f64)
+                        .map(|j| col[r * k + j] as f64 * c.weight.get(j, o) as f64)
                         .sum::<f64>() as f32
                 })
                 .collect();

@@ -29,7 +29,8 @@
 use std::cell::RefCell;
 
 use super::buffers::Map;
-use super::conv::{Conv, gemm_strided};
+use super::conv::Conv;
+use super::panels::Panels;
 use rayon::prelude::*;
 
 use crate::winograd_lanes::{F2, F4, Forward, LANES, Lanes, Matrices};
@@ -103,11 +104,12 @@ impl Variant {
     }
 }
 
-/// A convolution's weights transformed for Winograd: α² row-major
-/// `[cin, cout]` matrices.
+/// A convolution's weights transformed for Winograd: α² `[cin, cout]`
+/// matrices, one per point ξ, in panels for `gemm`'s kernels
+/// (`panels.rs`).
 pub(super) struct Winograd {
     pub(super) variant: Variant,
-    pub(super) u: Vec<f32>,
+    pub(super) u: Vec<Panels>,
 }
 
 /// `G`: α rows of 3, for `U = G g Gᵀ`.
@@ -169,6 +171,10 @@ pub(super) fn transform_weights(w: &[f32], cin: usize, cout: usize, variant: Var
                 }
             });
     }
+    let u = u
+        .chunks_exact((cin * cout).max(1))
+        .map(|m| Panels::new(m, cin, cout))
+        .collect();
     Winograd { variant, u }
 }
 
@@ -239,7 +245,7 @@ impl Conv {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn winograd_product(
         &self,
-        u: &[f32],
+        u: &[Panels],
         x: &Map,
         tiles: Tiles,
         unit: (usize, usize),
@@ -261,7 +267,7 @@ impl Conv {
     #[inline(always)]
     fn product<const A: usize, const M: usize, T: Forward<A, M>>(
         &self,
-        u: &[f32],
+        u: &[Panels],
         x: &Map,
         tiles: Tiles,
         (g0, g1): (usize, usize),
@@ -292,14 +298,11 @@ impl Conv {
                     }
                 },
             );
-            for xi in 0..points {
-                gemm_strided(
-                    (count, ncol, cin),
+            for (xi, u) in u.iter().enumerate().take(points) {
+                u.product(
+                    count,
                     (&v[xi * count * cin..(xi + 1) * count * cin], cin),
-                    (
-                        &u[xi * cin * self.cout + lo..(xi + 1) * cin * self.cout],
-                        self.cout,
-                    ),
+                    (lo, hi),
                     (&mut m[xi * count * ncol..(xi + 1) * count * ncol], ncol),
                 );
             }
@@ -522,8 +525,9 @@ mod tests {
             kw: 3,
             stride: [1, 1],
             pad,
-            weight: Vec::new(),
+            weight: Panels::empty(),
             winograd: None,
+            winograd_few: None,
             bias: vec![0.0; cout],
             bn: None,
         };
