@@ -7,8 +7,8 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use super::buffers::Map;
-use super::panels::Panels;
 use super::norm::{BatchStats, Pass, bias_residual_relu, bias_scale_shift, scale_shift};
+use super::panels::Panels;
 use super::winograd::{Tiles, Variant, Winograd, transform_weights};
 use super::{explicit, floats};
 use crate::batchnorm::BatchNormUse;
@@ -168,53 +168,54 @@ impl Conv {
                 })
                 .collect()
         };
-        let partial_sums: Vec<Vec<f64>> = if let Some(wino) = self.winograd_for(x.n, oh, ow, threads) {
-            let (u, tiles) = (&wino.u, Tiles::new(oh, ow, wino.variant));
-            let count = x.n * tiles.th * tiles.tw;
-            if self.split_columns(count, threads) {
-                // Too few tiles for every thread: the threads share the
-                // output channels, each over all the tiles.
-                let all = (0, x.n * tiles.th);
-                self.by_columns(threads, &mut out, |(lo, hi), block| {
-                    self.winograd_product(u, x, tiles, all, (lo, hi), block, hi - lo);
-                });
+        let partial_sums: Vec<Vec<f64>> =
+            if let Some(wino) = self.winograd_for(x.n, oh, ow, threads) {
+                let (u, tiles) = (&wino.u, Tiles::new(oh, ow, wino.variant));
+                let count = x.n * tiles.th * tiles.tw;
+                if self.split_columns(count, threads) {
+                    // Too few tiles for every thread: the threads share the
+                    // output channels, each over all the tiles.
+                    let all = (0, x.n * tiles.th);
+                    self.by_columns(threads, &mut out, |(lo, hi), block| {
+                        self.winograd_product(u, x, tiles, all, (lo, hi), block, hi - lo);
+                    });
+                    epilogue_in_tiles(&mut out)
+                } else {
+                    // Units of whole tile rows: each one's output rows are one
+                    // contiguous run of `out`.
+                    let mut rest = &mut out[..];
+                    let mut work = Vec::new();
+                    for (g0, g1) in tiles.units(x.n, threads) {
+                        let (r0, r1) = (tiles.row_start(g0), tiles.row_start(g1));
+                        let (here, tail) = rest.split_at_mut((r1 - r0) * cout);
+                        rest = tail;
+                        work.push(((g0, g1), r0, here));
+                    }
+                    work.into_par_iter()
+                        .map(|(unit, r0, dst)| {
+                            self.winograd_product(u, x, tiles, unit, (0, cout), dst, cout);
+                            let n_rows = dst.len() / cout;
+                            self.epilogue(dst, res_rows(r0, n_rows), relu, bn, pass)
+                        })
+                        .collect()
+                }
+            } else if self.split_columns(rows, threads) {
+                // Too few pixel rows to share (batch 1 in layer4: 49 rows):
+                // the threads share the output channels instead, each over all
+                // the rows, so that each reads only its part of the weights.
+                self.product_by_columns(x, (oh, ow), threads, &mut out);
                 epilogue_in_tiles(&mut out)
             } else {
-                // Units of whole tile rows: each one's output rows are one
-                // contiguous run of `out`.
-                let mut rest = &mut out[..];
-                let mut work = Vec::new();
-                for (g0, g1) in tiles.units(x.n, threads) {
-                    let (r0, r1) = (tiles.row_start(g0), tiles.row_start(g1));
-                    let (here, tail) = rest.split_at_mut((r1 - r0) * cout);
-                    rest = tail;
-                    work.push(((g0, g1), r0, here));
-                }
-                work.into_par_iter()
-                    .map(|(unit, r0, dst)| {
-                        self.winograd_product(u, x, tiles, unit, (0, cout), dst, cout);
+                out.par_chunks_mut(tile * cout)
+                    .enumerate()
+                    .map(|(t, dst)| {
+                        let r0 = t * tile;
                         let n_rows = dst.len() / cout;
+                        self.product_tile(x, (oh, ow), r0, dst);
                         self.epilogue(dst, res_rows(r0, n_rows), relu, bn, pass)
                     })
                     .collect()
-            }
-        } else if self.split_columns(rows, threads) {
-            // Too few pixel rows to share (batch 1 in layer4: 49 rows):
-            // the threads share the output channels instead, each over all
-            // the rows, so that each reads only its part of the weights.
-            self.product_by_columns(x, (oh, ow), threads, &mut out);
-            epilogue_in_tiles(&mut out)
-        } else {
-            out.par_chunks_mut(tile * cout)
-                .enumerate()
-                .map(|(t, dst)| {
-                    let r0 = t * tile;
-                    let n_rows = dst.len() / cout;
-                    self.product_tile(x, (oh, ow), r0, dst);
-                    self.epilogue(dst, res_rows(r0, n_rows), relu, bn, pass)
-                })
-                .collect()
-        };
+            };
         if let (Some(i), BatchNormUse::Batch) = (bn, pass.norm) {
             let sums = partial_sums
                 .iter()

@@ -135,7 +135,9 @@ impl FusedResNet {
     /// otherwise its BatchNorm layers are read, at each call, from the
     /// network passed to [`FusedResNet::features_from_nchw`].
     pub fn new(net: &ResNet, folded: bool) -> Option<Self> {
-        Self::pack(net, folded, |c, _, i| Conv::from_burn(c, (!folded).then_some(i)))
+        Self::pack(net, folded, |c, _, i| {
+            Conv::from_burn(c, (!folded).then_some(i))
+        })
     }
 
     /// [`FusedResNet::new`] of [`crate::batchnorm::fold_batchnorm`]`(net)`
@@ -145,7 +147,9 @@ impl FusedResNet {
     /// of peak RSS for ResNet50). `None` as for [`FusedResNet::new`], and
     /// for a convolution without its BatchNorm.
     pub fn folding(net: &ResNet) -> Option<Self> {
-        Self::pack(net, true, |c, bn, _| Conv::from_burn(&fold_into(c, bn?), None))
+        Self::pack(net, true, |c, bn, _| {
+            Conv::from_burn(&fold_into(c, bn?), None)
+        })
     }
 
     /// Packs every convolution of `net` with `conv(convolution, its

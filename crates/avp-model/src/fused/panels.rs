@@ -19,13 +19,21 @@
 //! Without AVX2 + FMA (or off x86-64), the same panels go through
 //! `gemm::gemm`, one panel at a time.
 
-/// Depth block: a panel's `KC` x `MR` block is read from the L2 cache by
-/// every six-row step (64 KB with AVX-512).
-const KC: usize = 256;
+/// Depth block: `KC` rows of a block of panels stay in the L2 cache while
+/// every six-row step of activations passes over them (`KC` x `NC_COLS`
+/// floats: 256 KB).
+///
+/// Chosen on a 2-core AMD EPYC with AVX-512 (1 MB of L2 a core), three
+/// alternating rounds of `examples/speed` on the runner's ResNet50 per
+/// setting: `KC` 512 with `NC_COLS` 128 against 256 with 256 gave 1.06x at
+/// batch 1, 1.03x at batch 8, 1.01x at batch 32 in medians; depths of 128,
+/// 768 and 1024 and blocks of 512 columns were no better
+/// (`docs/panels-blocking-2026-12-07.txt`).
+const KC: usize = 512;
 
 /// Output channels per block: the panels one six-row step of activations
 /// (in the L1 cache) meets before moving on.
-const NC_COLS: usize = 256;
+const NC_COLS: usize = 128;
 
 /// Which kernels the panels are laid out for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,8 +194,14 @@ impl Panels {
             return;
         }
         assert!(hi <= self.n, "columns {lo}..{hi} of {}", self.n);
-        assert!(a_rs >= k && a.len() >= (rows - 1) * a_rs + k, "left operand");
-        assert!(c_rs >= hi - lo && c.len() >= (rows - 1) * c_rs + (hi - lo), "output");
+        assert!(
+            a_rs >= k && a.len() >= (rows - 1) * a_rs + k,
+            "left operand"
+        );
+        assert!(
+            c_rs >= hi - lo && c.len() >= (rows - 1) * c_rs + (hi - lo),
+            "output"
+        );
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
@@ -385,7 +399,9 @@ mod tests {
                         );
                     }
                     assert!(
-                        c[r * c_rs + hi - lo..(r + 1) * c_rs].iter().all(|v| v.is_nan()),
+                        c[r * c_rs + hi - lo..(r + 1) * c_rs]
+                            .iter()
+                            .all(|v| v.is_nan()),
                         "{kernel:?}: wrote past the block"
                     );
                 }
