@@ -1,6 +1,6 @@
 //! One convolution, tile by tile: im2col (none for a stride-1 1x1
-//! convolution), one single-threaded `gemm` accumulating into the output
-//! tile, and the epilogue (bias, BatchNorm, shortcut, ReLU) while the tile
+//! convolution), one single-threaded product over the packed weights
+//! (`panels.rs`) writing the output tile, and the epilogue (bias, BatchNorm, shortcut, ReLU) while the tile
 //! is in cache.
 
 use burn::nn::conv::Conv2d;
@@ -261,10 +261,9 @@ impl Conv {
     /// rather than pixel rows: when a row split would leave each thread
     /// fewer than 64 rows, each thread would read the whole weight matrix
     /// for those few rows, where a column split has each read its block of
-    /// the weights once for all the rows (`gemm` transposes a product with
-    /// a row-major output: the channels run along its micro-kernel's
-    /// height, the rows along its 6-wide side, so short row counts waste
-    /// little there); and when there are channels enough to give every
+    /// the weights once for all the rows (the channels run along the
+    /// micro-kernel's height, the rows along its 6-wide side, so short row
+    /// counts waste little there: `panels.rs`); and when there are channels enough to give every
     /// thread a block of 16 or more.
     fn split_columns(&self, rows: usize, threads: usize) -> bool {
         threads > 1

@@ -6,10 +6,12 @@
 //! ReLU and the residual add, each a trip through memory with an allocation.
 //!
 //! This module keeps the activations NHWC from the stem to the pool, packs
-//! every convolution's weights once, and runs each convolution tile by tile
-//! (256 output pixels) on the rayon pool: the tile's im2col rows (none for a
-//! stride-1 1x1 convolution, whose input rows are the matrix), one
-//! single-threaded `gemm` writing the output tile, and the epilogue (bias,
+//! every convolution's weights once (in the panel layout of `gemm`'s
+//! micro-kernels, `panels.rs`), and runs each convolution tile by tile
+//! (up to 256 output pixels) on the rayon pool: the tile's im2col rows (none
+//! for a stride-1 1x1 convolution, whose input rows are the matrix), one
+//! single-threaded product over the packed weights writing the output
+//! tile, and the epilogue (bias,
 //! BatchNorm, the shortcut for the last convolution of a block, ReLU) on
 //! the tile while it is still in cache. The
 //! stride-1 3x3 convolutions run as Winograd instead, with the same
@@ -20,6 +22,7 @@
 //! calls.
 //!
 //! Files: `conv.rs` (one convolution: im2col, product, epilogue),
+//! `panels.rs` (weights packed for `gemm`'s kernels, and the products),
 //! `winograd.rs` (the stride-1 3x3 convolutions),
 //! `norm.rs` (BatchNorm in the tiles), `pool.rs` (the stem's max pool),
 //! `buffers.rs` (NHWC maps and the buffer pool); this file runs the blocks.

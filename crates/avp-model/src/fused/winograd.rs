@@ -10,8 +10,8 @@
 //! weights, transformed once when the network is packed) and
 //! `Y = Aᵀ (U ⊙ V) A`, the α² element-wise products over all channels
 //! become α² matrix products `M[ξ] = V[ξ] · U[ξ]` of shape `[tiles, cin] ·
-//! [cin, cout]`, one per position ξ in the patch, run by the same `gemm` as
-//! the direct convolution. F(2x2)'s coefficients are 0, ±1 and ½, exact in
+//! [cin, cout]`, one per position ξ in the patch, run by the same kernels
+//! as the direct convolution (each `U[ξ]` packed once, `panels.rs`). F(2x2)'s coefficients are 0, ±1 and ½, exact in
 //! floating point. F(4x4) interpolates at 0, 1, -1, ½ and -2 (with ±2 in
 //! place of ½, the common choice, its worst error on the tests below was
 //! twice as large): `Bᵀ` and `Aᵀ` hold halves, quarters, eighths and small
@@ -93,8 +93,8 @@ impl Variant {
         }
     }
 
-    /// Tiles per unit the scheduler aims at: enough rows to amortise the
-    /// packing of each `U[ξ]` inside `gemm`, few enough that a unit's `V`
+    /// Tiles per unit the scheduler aims at: enough rows that each `U[ξ]`
+    /// read serves many of them, few enough that a unit's `V`
     /// and `M` (α² · tiles · channels floats each) stay near the caches.
     fn target_tiles(self) -> usize {
         match self {
