@@ -483,7 +483,7 @@ impl Conv {
                         let src = ((b * x.h + iy) * x.w + ix) * cin;
                         let len = (kx_hi - kx_lo) * cin;
                         dst[..kx_lo * cin].fill(0.0);
-                        dst[kx_lo * cin..kx_hi * cin].copy_from_slice(&x.data[src..src + len]);
+                        copy(&mut dst[kx_lo * cin..kx_hi * cin], &x.data[src..src + len]);
                         dst[kx_hi * cin..].fill(0.0);
                     }
                     _ => dst.fill(0.0),
@@ -491,6 +491,33 @@ impl Conv {
             }
         }
     }
+}
+
+/// `dst.copy_from_slice(src)`, with runs shorter than 64 floats copied in
+/// fixed-size blocks: a copy of run-time length is a call to `memcpy`, and
+/// the stem's im2col rows are seven runs of 21 floats (7 pixels of 3
+/// channels) a pixel, whose `memcpy` calls took 1.8% of the samples at
+/// batch 32.
+fn copy(dst: &mut [f32], src: &[f32]) {
+    let n = src.len();
+    if n >= 64 || n < 8 || dst.len() != n {
+        dst.copy_from_slice(src);
+        return;
+    }
+    // Blocks of 8 from the start, then the last 8 (overlapping the one
+    // before): no run-time length is left.
+    let block = |at: usize, dst: &mut [f32]| {
+        if let (Some(d), Some(s)) = (
+            dst[at..].first_chunk_mut::<8>(),
+            src[at..].first_chunk::<8>(),
+        ) {
+            *d = *s;
+        }
+    };
+    for at in (0..n - 8).step_by(8) {
+        block(at, dst);
+    }
+    block(n - 8, dst);
 }
 
 /// Rows per tile for `rows` output pixels on `threads` threads: at most
