@@ -1,7 +1,7 @@
 //! One convolution, tile by tile: im2col (none for a stride-1 1x1
 //! convolution), one single-threaded product over the packed weights
-//! (`panels.rs`) writing the output tile, and the epilogue (bias, BatchNorm, shortcut, ReLU) while the tile
-//! is in cache.
+//! (`panels.rs`) writing the output tile, and the epilogue (bias,
+//! BatchNorm, shortcut, ReLU) while the tile is in cache.
 
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
@@ -73,9 +73,7 @@ impl Conv {
             return None;
         }
         if Self::winograd_shape(kh, kw, conv.stride) {
-            let variant = Variant::chosen(cin, cout);
-            let few = (variant == Variant::F4 && cin.saturating_mul(cout) > F2_COPY_ABOVE_PAIRS)
-                .then(|| transform_weights(&w, cin, cout, Variant::F2));
+            let (wino, few) = Self::winograd_weights(&w, cin, cout);
             return Some(Self {
                 cin,
                 cout,
@@ -84,7 +82,7 @@ impl Conv {
                 stride: conv.stride,
                 pad,
                 weight: Panels::empty(),
-                winograd: Some(transform_weights(&w, cin, cout, variant)),
+                winograd: Some(wino),
                 winograd_few: few,
                 bias,
                 bn,
@@ -236,6 +234,16 @@ impl Conv {
             c: cout,
             data: out,
         })
+    }
+
+    /// Burn's `[cout, cin, 3, 3]` weights `w` transformed for Winograd in
+    /// the layer's variant ([`Variant::chosen`]), and the F(2x2) copy of
+    /// an F(4x4) layer with more than [`F2_COPY_ABOVE_PAIRS`] channel pairs.
+    fn winograd_weights(w: &[f32], cin: usize, cout: usize) -> (Winograd, Option<Winograd>) {
+        let variant = Variant::chosen(cin, cout);
+        let few = (variant == Variant::F4 && cin.saturating_mul(cout) > F2_COPY_ABOVE_PAIRS)
+            .then(|| transform_weights(w, cin, cout, Variant::F2));
+        (transform_weights(w, cin, cout, variant), few)
     }
 
     /// The Winograd weights [`Conv::run`] uses for `n` images giving `oh` x
@@ -500,7 +508,7 @@ impl Conv {
 /// batch 32.
 fn copy(dst: &mut [f32], src: &[f32]) {
     let n = src.len();
-    if n >= 64 || n < 8 || dst.len() != n {
+    if !(8..64).contains(&n) || dst.len() != n {
         dst.copy_from_slice(src);
         return;
     }
@@ -714,5 +722,68 @@ pub(super) mod tests {
             }
             assert!(c.split_columns(rows, threads), "a shape the split serves");
         }
+    }
+
+    /// A wide F(4x4) layer keeps an F(2x2) copy of the same weights and
+    /// runs it where its F(4x4) tiles would be split over output channels
+    /// (batch 1 at 14x14), F(4x4) where they are shared by rows (batch 8)
+    /// or on one thread; a narrower layer keeps no copy.
+    #[test]
+    fn the_f2_copy_serves_batches_too_small_for_f4() {
+        if Variant::chosen(160, 160) != Variant::F4 {
+            return; // `AVP_WINOGRAD=f2`: every layer is F(2x2) already.
+        }
+        let (cin, cout) = (160, 160);
+        let raw = fill(cout * cin * 9, 13);
+        let (wino, few) = Conv::winograd_weights(&raw, cin, cout);
+        assert!(
+            Conv::winograd_weights(&raw[..128 * 128 * 9], 128, 128)
+                .1
+                .is_none()
+        );
+        let c = Conv {
+            cin,
+            cout,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1; 4],
+            weight: Panels::empty(),
+            winograd: Some(wino),
+            winograd_few: few,
+            bias: vec![0.0; cout],
+            bn: None,
+        };
+        let variant = |n, threads| c.winograd_for(n, 14, 14, threads).map(|w| w.variant);
+        assert_eq!(variant(1, 2), Some(Variant::F2));
+        assert_eq!(variant(8, 2), Some(Variant::F4));
+        assert_eq!(variant(1, 1), Some(Variant::F4));
+        // The copy computes what the F(4x4) weights compute.
+        let x = Map {
+            n: 1,
+            h: 14,
+            w: 14,
+            c: cin,
+            data: fill(196 * cin, 17),
+        };
+        let product = |wino: &Winograd| {
+            let tiles = Tiles::new(14, 14, wino.variant);
+            let mut out = vec![f32::NAN; 196 * cout];
+            c.winograd_product(&wino.u, &x, tiles, (0, tiles.th), (0, cout), &mut out, cout);
+            out
+        };
+        let (f4, f2) = (
+            product(c.winograd.as_ref().unwrap()),
+            product(c.winograd_few.as_ref().unwrap()),
+        );
+        let scale = f4.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = f4
+            .iter()
+            .zip(&f2)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            scale > 0.0 && worst < 1e-4 * scale,
+            "F(2x2) copy differs by {worst} of {scale}"
+        );
     }
 }
