@@ -413,8 +413,15 @@ fn one_recipe(dir: &Path, device: &Device, recipe: &str, config: &TrainConfig, s
         worst.1,
         worst.0
     );
+    // The bar is for the mistakes this check is here for (a wrong learning
+    // rate, momentum or weight decay, a missing step: errors of 10% and
+    // more), not for float rounding. Rounding reaches 1.0-1.05e-2 on flex
+    // at 224x224, in the SGD update of `layer4.0.bn1.weight` (a sum over
+    // every pixel that nearly cancels), from F(4x4) Winograd's rounding in
+    // the frozen prefix (5e-5 of the features): with `AVP_WINOGRAD=f2` the
+    // same update agrees to 8e-5, and Burn's own kernels (ndarray) to 1e-4.
     assert!(
-        worst_update.0 <= 1e-2,
+        worst_update.0 <= 2e-2,
         "{recipe}: the update of {} off by {:.2e}",
         worst_update.1,
         worst_update.0

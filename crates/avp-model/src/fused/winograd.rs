@@ -11,7 +11,8 @@
 //! `Y = Aᵀ (U ⊙ V) A`, the α² element-wise products over all channels
 //! become α² matrix products `M[ξ] = V[ξ] · U[ξ]` of shape `[tiles, cin] ·
 //! [cin, cout]`, one per position ξ in the patch, run by the same kernels
-//! as the direct convolution (each `U[ξ]` packed once, `panels.rs`). F(2x2)'s coefficients are 0, ±1 and ½, exact in
+//! as the direct convolution (each `U[ξ]` packed once, `panels.rs`).
+//! F(2x2)'s coefficients are 0, ±1 and ½, exact in
 //! floating point. F(4x4) interpolates at 0, 1, -1, ½ and -2 (with ±2 in
 //! place of ½, the common choice, its worst error on the tests below was
 //! twice as large): `Bᵀ` and `Aᵀ` hold halves, quarters, eighths and small
