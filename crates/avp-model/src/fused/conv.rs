@@ -621,6 +621,30 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// A stride-1 3x3 convolution without bias or BatchNorm, with the
+    /// Winograd weights given (none: the test passes its own).
+    pub(in crate::fused) fn winograd_conv(
+        cin: usize,
+        cout: usize,
+        pad: [usize; 4],
+        winograd: Option<Winograd>,
+        winograd_few: Option<Winograd>,
+    ) -> Conv {
+        Conv {
+            cin,
+            cout,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad,
+            weight: Panels::empty(),
+            winograd,
+            winograd_few,
+            bias: vec![0.0; cout],
+            bn: None,
+        }
+    }
+
     fn conv(cin: usize, cout: usize, k: usize, stride: usize) -> Conv {
         let pad = k / 2;
         Conv {
@@ -741,19 +765,7 @@ pub(super) mod tests {
                 .1
                 .is_none()
         );
-        let c = Conv {
-            cin,
-            cout,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad: [1; 4],
-            weight: Panels::empty(),
-            winograd: Some(wino),
-            winograd_few: few,
-            bias: vec![0.0; cout],
-            bn: None,
-        };
+        let c = winograd_conv(cin, cout, [1; 4], Some(wino), few);
         let variant = |n, threads| c.winograd_for(n, 14, 14, threads).map(|w| w.variant);
         assert_eq!(variant(1, 2), Some(Variant::F2));
         assert_eq!(variant(8, 2), Some(Variant::F4));

@@ -527,19 +527,7 @@ mod tests {
             data: fill(n * h * w * cin, 5),
         };
         let raw = fill(cout * cin * 9, 9);
-        let conv = Conv {
-            cin,
-            cout,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad,
-            weight: Panels::empty(),
-            winograd: None,
-            winograd_few: None,
-            bias: vec![0.0; cout],
-            bn: None,
-        };
+        let conv = super::super::conv::tests::winograd_conv(cin, cout, pad, None, None);
         let wino = transform_weights(&raw, cin, cout, variant);
         assert_eq!(wino.variant, variant);
         let u = &wino.u;
